@@ -22,6 +22,7 @@ class NbdevDirectives(Preprocessor):
             if any(d.startswith(('hide', 'default_exp', 'exporti')) for d in dirs): continue
             if c.cell_type == 'code':
                 c.source = '\n'.join(l for l in lines if not _DIRECTIVE.match(l)).strip('\n')
+                if any(d.replace(' ', '') == 'echo:false' for d in dirs): c.metadata['transient'] = {'remove_source': True}
                 c.execution_count = None
                 for o in c.get('outputs', []):
                     if 'execution_count' in o: o['execution_count'] = None

@@ -1,0 +1,212 @@
+"""The lessons in a real JupyterLab, driven by Debian's Chromium through Playwright.
+
+Run alone with `pytest -m browser tests/test_browser.py`. The test command (`make test`) installs chromium;
+playwright comes with `.[dev]`; nothing is downloaded here (never `playwright install`).
+JupyterLab runs on 127.0.0.1 against a temporary copy of nbs/, with IN_TEST=1 so lessons take their short path.
+Screenshots of a failing run are kept in artifacts/browser/.
+"""
+import json, os, shutil, signal, socket, subprocess, sys, time, urllib.request
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = '/usr/bin/chromium'
+ARTIFACTS = ROOT/'artifacts'/'browser'
+pytestmark = pytest.mark.browser
+
+def _need_browser():
+    missing = []
+    if not Path(CHROMIUM).exists(): missing.append(CHROMIUM)
+    try: import playwright  # noqa: F401
+    except ImportError: missing.append('playwright (pip)')
+    if missing:
+        if os.environ.get('CI'): pytest.fail(f"browser test cannot run in CI: missing {missing}")
+        pytest.skip(f"missing {missing}: run `make browser-deps` (apt-get install chromium)")
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+@pytest.fixture(scope='module')
+def lab(tmp_path_factory):
+    "A JupyterLab server on 127.0.0.1 serving a temporary copy of nbs/ (and data/), stopped by PID afterwards."
+    _need_browser()
+    work = tmp_path_factory.mktemp('lab')
+    shutil.copytree(ROOT/'nbs', work/'nbs', ignore=shutil.ignore_patterns('.ipynb_checkpoints', '_*'))
+    shutil.copytree(ROOT/'data', work/'data')
+    settings = Path(sys.prefix)/'share'/'jupyter'/'lab'/'settings'
+    settings.mkdir(parents=True, exist_ok=True)
+    (settings/'overrides.json').write_text(json.dumps(
+        {"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False}}))
+    port = _free_port()
+    env = dict(os.environ, IN_TEST='1', JUPYTER_CONFIG_DIR=str(work/'.jupyter'), MPLBACKEND='module://matplotlib_inline.backend_inline')
+    log = open(work/'lab.log', 'w')
+    proc = subprocess.Popen([sys.executable, '-m', 'jupyter', 'lab', '--allow-root', '--no-browser', f'--port={port}',
+                             "--ServerApp.token=", "--ServerApp.password=", '--ServerApp.ip=127.0.0.1',
+                             '--LabApp.news_url=None', '--ServerApp.disable_check_xsrf=True', f'--ServerApp.root_dir={work}'],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
+    url = f'http://127.0.0.1:{port}'
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(url + '/api/status', timeout=2).status == 200: break
+            except OSError: time.sleep(0.5)
+        else: raise RuntimeError(f"JupyterLab did not start: {(work/'lab.log').read_text()[-2000:]}")
+        yield url, work
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try: proc.wait(30)
+        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+        log.close()
+
+@pytest.fixture(scope='module')
+def browser(lab):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
+            '--no-first-run', '--disable-sync', '--disable-quic'])
+        yield b
+        b.close()
+
+class Lesson:
+    "One notebook open in JupyterLab: run all cells, wait for the kernel, read the saved outputs."
+    def __init__(self, browser, lab, name):
+        self.url, self.work = lab
+        self.name, self.page = name, browser.new_page(viewport={'width': 1400, 'height': 1000})
+        self.page.set_default_timeout(60_000)
+        self.page.goto(f'{self.url}/lab/tree/nbs/{name}')
+        self.page.wait_for_selector('.jp-Notebook .jp-Cell')
+        self.page.wait_for_timeout(1500)
+        self.dismiss_dialogs()
+        self.page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+
+    def dismiss_dialogs(self):
+        "Accept a dialog such as 'Select Kernel' (the default choice: the notebook's Python kernel)."
+        for _ in range(3):
+            d = self.page.locator('.jp-Dialog')
+            if not d.count(): return
+            self.shot('dialog')
+            self.page.locator('.jp-Dialog .jp-mod-accept').first.click()
+            self.page.wait_for_timeout(500)
+
+    def shot(self, tag):
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        fn = ARTIFACTS/f'{Path(self.name).stem}-{tag}.png'
+        self.page.screenshot(path=str(fn), full_page=False); return fn
+
+    def run_all(self, timeout_s=300):
+        "Run All Cells from the menu; wait until every code cell has an execution count. Returns seconds."
+        t0 = time.time()
+        self.page.click(".lm-MenuBar-itemLabel:text-is('Run')")
+        self.page.click(".lm-Menu-itemLabel:text-is('Run All Cells')")
+        deadline = t0 + timeout_s
+        while time.time() < deadline:
+            pending = self.page.eval_on_selector_all('.jp-CodeCell .jp-InputPrompt', "els => els.filter(e => e.textContent.includes('*')).length")
+            status = self.page.get_attribute('.jp-Notebook-ExecutionIndicator', 'data-status')
+            if status == 'idle' and pending == 0 and time.time() - t0 > 2: break
+            time.sleep(0.5)
+        else:
+            self.shot('timeout'); raise AssertionError(f"{self.name}: still running after {timeout_s} s")
+        return time.time() - t0
+
+    def errors(self):
+        "Save the notebook from the browser and return the error outputs in the saved file."
+        fn = self.work/'nbs'/self.name
+        before = fn.stat().st_mtime_ns
+        self.page.locator('.jp-Notebook').first.click(position={'x': 5, 'y': 5})
+        self.page.keyboard.press('Control+s')
+        t0 = time.time()
+        while fn.stat().st_mtime_ns == before and time.time() - t0 < 30: time.sleep(0.25)
+        assert fn.stat().st_mtime_ns != before, f"{self.name}: the browser did not save the notebook"
+        nb = json.loads(fn.read_text())
+        errs = [f"{o.get('ename')}: {o.get('evalue')}" for c in nb['cells'] if c['cell_type'] == 'code'
+                for o in c.get('outputs', []) if o.get('output_type') == 'error']
+        unrun = sum(1 for c in nb['cells'] if c['cell_type'] == 'code' and c['source'] and c.get('execution_count') is None)
+        return errs + ([f"{unrun} code cells never ran"] if unrun else [])
+
+    def close(self): self.page.close()
+
+def _wait_change(page, selector, before, attr=None, timeout_s=30):
+    "Wait until the element's attribute (or text) differs from `before`; return the new value."
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        now = page.get_attribute(selector, attr) if attr else page.inner_text(selector)
+        if now != before: return now
+        time.sleep(0.25)
+    return None
+
+def _slider_right(page, box_sel, label, presses=1):
+    "Focus the handle of the ipywidgets slider described `label` inside `box_sel` and press ArrowRight."
+    sl = page.locator(f"{box_sel} .widget-slider:has(.widget-label:text-is('{label}'))").first
+    handle = sl.locator('.noUi-handle').first
+    handle.focus()
+    for _ in range(presses): handle.press('ArrowRight')
+    return sl.locator('.widget-readout').first.inner_text()
+
+TIMES = {}
+
+def test_augmentation_viewer_reacts(browser, lab):
+    les = Lesson(browser, lab, '01_augment.ipynb')
+    try:
+        TIMES['01_augment.ipynb'] = les.run_all()
+        assert not les.errors(), les.errors()
+        img, cap = '.segtutor-aug-image', '.segtutor-aug-caption'
+        les.page.locator(img).first.scroll_into_view_if_needed()
+        les.page.wait_for_selector(img + '[src]')
+        src0, cap0 = les.page.get_attribute(img, 'src'), les.page.inner_text(cap)
+        box = f"div.lm-Widget:has(> {img})"
+        _slider_right(les.page, '.jp-OutputArea-output', 'sample')
+        src1 = _wait_change(les.page, img, src0, 'src')
+        cap1 = _wait_change(les.page, cap, cap0)
+        if src1 is None or cap1 is None: les.shot('aug-slider-no-change')
+        assert src1 is not None, "augmentation image did not change after moving the sample slider"
+        assert cap1 is not None, "augmentation caption did not change after moving the sample slider"
+        # toggling an augmentation off changes the picture too
+        cb = les.page.locator(".jp-OutputArea-output .widget-checkbox input[type=checkbox]").first
+        cb.click()
+        src2 = _wait_change(les.page, img, src1, 'src')
+        if src2 is None: les.shot('aug-toggle-no-change')
+        assert src2 is not None, "augmentation image did not change after toggling an augmentation"
+    finally:
+        les.shot('final'); les.close()
+
+def test_prediction_viewer_reacts(browser, lab):
+    les = Lesson(browser, lab, '09_evaluation.ipynb')
+    try:
+        TIMES['09_evaluation.ipynb'] = les.run_all()
+        assert not les.errors(), les.errors()
+        img, cap = '.segtutor-pred-image', '.segtutor-pred-caption'
+        les.page.locator(img).first.scroll_into_view_if_needed()
+        src0, cap0 = les.page.get_attribute(img, 'src'), les.page.locator(cap).first.inner_text()
+        _slider_right(les.page, '.jp-OutputArea-output', 'sample')
+        src1 = _wait_change(les.page, img, src0, 'src')
+        cap1 = _wait_change(les.page, cap, cap0)
+        if src1 is None or cap1 is None: les.shot('pred-slider-no-change')
+        assert src1 is not None and cap1 is not None, "prediction viewer did not update after moving the sample slider"
+        assert 'sample 1' in cap1, cap1
+        les.page.locator(".jp-OutputArea-output .widget-checkbox input[type=checkbox]").first.click()
+        src2 = _wait_change(les.page, img, src1, 'src')
+        if src2 is None: les.shot('pred-toggle-no-change')
+        assert src2 is not None, "prediction viewer did not update after toggling a class"
+    finally:
+        les.shot('final'); les.close()
+
+LESSONS = sorted(p.name for p in (ROOT/'nbs').glob('[0-9]*.ipynb') if p.name not in ('01_augment.ipynb', '09_evaluation.ipynb'))
+
+@pytest.mark.parametrize('name', LESSONS)
+def test_lesson_runs_in_browser(browser, lab, name):
+    les = Lesson(browser, lab, name)
+    try:
+        TIMES[name] = les.run_all()
+        errs = les.errors()
+        if errs: les.shot('error')
+        assert not errs, errs
+    finally: les.close()
+
+def test_report_browser_times():
+    "Writes the per-lesson browser run times measured above (artifacts/browser/times.json)."
+    if not TIMES: pytest.skip('no lesson ran in the browser')
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS/'times.json').write_text(json.dumps({k: round(v, 1) for k, v in sorted(TIMES.items())}, indent=1))
+    assert all(v > 0 for v in TIMES.values())
