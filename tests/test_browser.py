@@ -172,9 +172,9 @@ def test_augmentation_viewer_reacts(browser, lab):
         les.shot('final'); les.close()
 
 def test_prediction_viewer_reacts(browser, lab):
-    les = Lesson(browser, lab, '09_evaluation.ipynb')
+    les = Lesson(browser, lab, '09a_viewers.ipynb')
     try:
-        TIMES['09_evaluation.ipynb'] = les.run_all()
+        TIMES['09a_viewers.ipynb'] = les.run_all()
         assert not les.errors(), les.errors()
         img, cap = '.segtutor-pred-image', '.segtutor-pred-caption'
         les.page.locator(img).first.scroll_into_view_if_needed()
@@ -192,7 +192,7 @@ def test_prediction_viewer_reacts(browser, lab):
     finally:
         les.shot('final'); les.close()
 
-LESSONS = sorted(p.name for p in (ROOT/'nbs').glob('[0-9]*.ipynb') if p.name not in ('01_augment.ipynb', '09_evaluation.ipynb'))
+LESSONS = sorted(p.name for p in (ROOT/'nbs').glob('[0-9]*.ipynb') if p.name not in ('01_augment.ipynb', '09a_viewers.ipynb'))
 
 @pytest.mark.parametrize('name', LESSONS)
 def test_lesson_runs_in_browser(browser, lab, name):

@@ -32,8 +32,8 @@ def fails(r, *needles):
 def work(tmp_path_factory):
     "A generated folder dataset, a trained run, and a predict input folder with odd sizes and modes."
     d = tmp_path_factory.mktemp('cli')
-    ok(run('make-data', d/'data', '--n', 40, '--size', 64, '--seed', 3))
-    ok(run('train', '--data', d/'data', '--out', d/'run', '--epochs', 3, '--lr', '1e-2', '--img-size', 64,
+    ok(run('make-data', d/'data', '--n', 80, '--size', 64, '--seed', 3))
+    ok(run('train', '--data', d/'data', '--out', d/'run', '--epochs', 5, '--lr', '1e-2', '--img-size', 64,
            '--batch-size', 8, '--model', 'unet:16:3'))
     inp = d/'inputs'; inp.mkdir()
     from segtutor.data import make_darkfield
@@ -51,7 +51,7 @@ def test_train_writes_the_run_folder(work):
     ck = torch.load(run_dir/'best.pt', map_location='cpu', weights_only=True)   # loads with weights_only
     assert ck['config']['norm'] == 'per_image'
     lines = (run_dir/'metrics.csv').read_text().strip().splitlines()
-    assert len(lines) == 1 + 3, lines
+    assert len(lines) == 1 + 5, lines
 
 def test_predict_writes_index_pngs_of_the_input_sizes(work):
     ok(run('predict', '--ckpt', work/'run'/'best.pt', '--input', work/'inputs', '--out', work/'pred'))
@@ -84,15 +84,26 @@ def test_evaluate_json_matches_predicted_pngs(work):
     miou, iou = _miou_from_pngs(work/'pred_all', work/'data'/'masks', 3)
     assert abs(js['miou'] - miou) < 1e-6, (js['miou'], miou)
     np.testing.assert_allclose([v if v is not None else np.nan for v in js['per_class_iou']], iou, atol=1e-6)
-    assert js['miou'] > 0.3, js   # three epochs on 32 tiny images learned something
+    assert js['miou'] > 0.4, js   # five epochs on 64 tiny images learned something
 
-def test_resume_continues_a_run(work):
-    import shutil
-    shutil.copytree(work/'run', work/'run2')
-    ok(run('train', '--data', work/'data', '--out', work/'run2', '--epochs', 4, '--lr', '1e-2', '--img-size', 64,
-           '--batch-size', 8, '--resume'))
-    lines = (work/'run2'/'metrics.csv').read_text().strip().splitlines()
-    assert len(lines) == 1 + 4, lines
+def test_killed_run_resumes(work):
+    "Kill a training run after its first epoch, resume it: every planned epoch appears once and the checkpoint loads."
+    import signal, time
+    args = ['train', '--data', work/'data', '--out', work/'run_kill', '--epochs', 4, '--lr', '1e-2', '--img-size', 64, '--batch-size', 8]
+    p = subprocess.Popen([SEGTUTOR, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    csv, t0 = work/'run_kill'/'metrics.csv', time.time()
+    while time.time() - t0 < 300 and p.poll() is None:
+        if csv.exists() and len(csv.read_text().strip().splitlines()) >= 2: break
+        time.sleep(0.2)
+    assert p.poll() is None, "the run finished before it could be killed"
+    p.send_signal(signal.SIGKILL); p.wait()
+    done = len(csv.read_text().strip().splitlines()) - 1
+    assert 1 <= done < 4
+    ok(run(*args, '--resume'))
+    rows = csv.read_text().strip().splitlines()
+    assert [r.split(',')[0] for r in rows[1:]] == ['1', '2', '3', '4'], rows
+    ck = torch.load(work/'run_kill'/'last.pt', map_location='cpu', weights_only=True)
+    assert ck['epoch'] == 4
 
 # ---- bad input: one line, the file and the problem, non-zero exit, nothing that looks complete ----
 
