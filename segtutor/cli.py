@@ -6,14 +6,14 @@
 __all__ = ['SCHEDULERS', 'LOSSES', 'parse_data_spec', 'load_data', 'CLIError', 'build_parser', 'cmd_make_data', 'cmd_train',
            'cmd_lr_find', 'cmd_evaluate', 'cmd_predict', 'cmd_demo', 'main']
 
-# %% ../nbs/10_cli.ipynb #5cf795f6
+# %% ../nbs/10_cli.ipynb #e76b6be9
 import argparse, base64, html, json, math, os, sys, time, traceback
 from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
 
-# %% ../nbs/10_cli.ipynb #a1f117e6
+# %% ../nbs/10_cli.ipynb #55effa6c
 def parse_data_spec(spec:str):
     "Split a data spec into (kind, root): 'synthetic', 'pets:ROOT', 'voc:ROOT', 'coco:ROOT' or a folder."
     for kind in ('pets', 'voc', 'coco'):
@@ -21,7 +21,7 @@ def parse_data_spec(spec:str):
     if spec == 'synthetic': return 'synthetic', None
     return 'folder', spec
 
-# %% ../nbs/10_cli.ipynb #0f3154e6
+# %% ../nbs/10_cli.ipynb #1d1c4900
 def _check_masks(ds, n_classes, progress=True):
     "Read every mask of a folder dataset with `n_classes` declared (raises `SegDataError` naming the first bad file)."
     from tqdm.auto import tqdm
@@ -54,7 +54,7 @@ def load_data(spec:str, num_classes:int|None=None, mask_suffix:str='', valid_pct
         raise SegDataError(f"{root}: {kind} has {len(tr.classes)} classes, not --num-classes {num_classes}")
     return tr, va, tr.classes
 
-# %% ../nbs/10_cli.ipynb #6a0f5e03
+# %% ../nbs/10_cli.ipynb #b3416d20
 class CLIError(Exception):
     "An error the command reports as one line (exit status 2)."
 
@@ -80,7 +80,7 @@ def _run(fn, args):
         print(f"segtutor {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
 
-# %% ../nbs/10_cli.ipynb #ab4b2e14
+# %% ../nbs/10_cli.ipynb #51621fb6
 def _out_dir(path, what='output folder'):
     "Create `path` (and parents) and check it is writable, or raise a `CLIError` naming it."
     p = Path(path)
@@ -95,7 +95,7 @@ def _write_json(obj, fn):
     fn = Path(fn); tmp = fn.with_name(f'.{fn.name}.tmp')
     tmp.write_text(json.dumps(obj, indent=2)); os.replace(tmp, fn)
 
-# %% ../nbs/10_cli.ipynb #a36824aa
+# %% ../nbs/10_cli.ipynb #ce9c1b18
 SCHEDULERS = ['onecycle', 'cosine', 'step', 'exponential', 'cyclic', 'poly', 'constant']
 LOSSES = ['ce', 'dice', 'ce+dice', 'bce+dice', 'focal', 'tversky', 'focal-tversky']
 
@@ -112,6 +112,8 @@ def _add_data_args(p, train=True):
     p.add_argument('--n-train', type=int, default=400, help="synthetic data: training images (default 400)")
     p.add_argument('--n-valid', type=int, default=64, help="synthetic data: validation images (default 64)")
     p.add_argument('--binary', action='store_true', help="synthetic data: 0/1 masks (any object)")
+    p.add_argument('--aug', default='auto', choices=['auto', 'full', 'flips', 'none'],
+                   help="training augmentation: full (scale-crop 0.5-2, flips, rotation, jitter), flips, none; auto = flips for synthetic data (endless fresh slides), else full")
 
 def _add_model_args(p):
     p.add_argument('--model', default='unet:16:3', help="fcn, segnet, unet, unet:BASE:DEPTH or smp:ARCH:ENCODER (default unet:16:3)")
@@ -120,14 +122,14 @@ def _add_model_args(p):
     for part in ('encoder', 'decoder', 'head'):
         p.add_argument(f'--freeze-{part}', action='store_true', help=f"do not train the {part}")
 
-# %% ../nbs/10_cli.ipynb #a4d09ca0
+# %% ../nbs/10_cli.ipynb #a8836885
 def build_parser():
     "The `segtutor` argument parser with its subcommands."
     ap = argparse.ArgumentParser(prog='segtutor', description="Semantic segmentation tutorial toolkit: train, evaluate and predict.")
     sub = ap.add_subparsers(dest='cmd', required=True, metavar='COMMAND')
     p = sub.add_parser('demo', help="the main job, end to end on synthetic data (about two minutes on CPU)")
     p.add_argument('--out', default='demo_out', help="output folder (default demo_out)")
-    p.add_argument('--epochs', type=int, default=6); p.add_argument('--n-train', type=int, default=400)
+    p.add_argument('--epochs', type=int, default=7); p.add_argument('--n-train', type=int, default=400)
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps']); p.add_argument('--seed', type=int, default=0)
     p = sub.add_parser('make-data', help="write the synthetic darkfield dataset")
     p.add_argument('dir', help="destination folder (gets images/ and masks/)")
@@ -161,14 +163,14 @@ def build_parser():
     p.add_argument('--json', default=None)
     return ap
 
-# %% ../nbs/10_cli.ipynb #ead03139
+# %% ../nbs/10_cli.ipynb #8dcb3e58
 def cmd_make_data(a):
     "Write the synthetic darkfield set."
     from segtutor.data import write_darkfield
     d = write_darkfield(_out_dir(a.dir), a.n, a.size, a.seed, a.binary)
     print(f"wrote {a.n} image/mask pairs ({a.size}x{a.size}) to {d}/images and {d}/masks")
 
-# %% ../nbs/10_cli.ipynb #64140594
+# %% ../nbs/10_cli.ipynb #3cb894cf
 def _device(name):
     from segtutor.learner import default_device
     return default_device(name)
@@ -183,23 +185,26 @@ def _build(a, train_ds, valid_ds, classes, device):
     from segtutor.models import get_model
     from segtutor.losses import get_loss
     norm = _norm_for(a)
+    aug = a.aug if a.aug != 'auto' else ('flips' if getattr(a, 'data', 'synthetic') == 'synthetic' else 'full')
+    tt = (train_tfms(a.img_size, norm=norm) if aug == 'full' else
+          train_tfms(a.img_size, scale=None, rotate=0, jitter=0, flip=aug == 'flips', vflip=aug == 'flips', norm=norm))
     sizes = {tuple(valid_ds[i][0].shape[-2:]) for i in range(min(len(valid_ds), 8))}
     vt = valid_tfms(None if len(sizes) == 1 else a.img_size, norm=norm)
     workers = a.workers if a.workers is not None else (2 if device.type == 'cuda' else 0)
-    dls = get_dls(Subset(train_ds, range(len(train_ds)), train_tfms(a.img_size, norm=norm)), Subset(valid_ds, range(len(valid_ds)), vt),
+    dls = get_dls(Subset(train_ds, range(len(train_ds)), tt), Subset(valid_ds, range(len(valid_ds)), vt),
                   bs=a.batch_size, workers=workers, classes=classes, pin_memory=device.type == 'cuda', seed=a.seed)
     try: model = get_model(a.model, len(classes), weights=None if a.weights == 'none' else a.weights,
                            freeze_encoder=a.freeze_encoder, freeze_decoder=a.freeze_decoder, freeze_head=a.freeze_head)
     except ValueError as e: raise CLIError(str(e)) from None
     return dls, model, get_loss(a.loss, len(classes)), norm
 
-# %% ../nbs/10_cli.ipynb #9bd9d0bf
+# %% ../nbs/10_cli.ipynb #3616fe7f
 def _suggest_lr(model, dls, loss, a, out=None):
-    "Run the LR finder; return the 'valley' suggestion (and save the plot in `out`)."
+    "Run the LR finder; return one-cycle's peak learning rate, a tenth of the steepest-descent rate (and save the plot in `out`)."
     from segtutor.lr_finder import lr_find
     res = lr_find(model, dls.train, loss, start_lr=getattr(a, 'start_lr', 1e-7), end_lr=getattr(a, 'end_lr', 10),
                   num_it=getattr(a, 'num_it', 60))
-    lr = res.suggest('valley')
+    lr = res.suggest('steepest')/10
     if out is not None:
         import matplotlib; matplotlib.use('Agg', force=False)
         ax = res.plot(); ax.figure.savefig(Path(out)/'lr_find.png', dpi=90, bbox_inches='tight')
@@ -231,7 +236,7 @@ def cmd_train(a):
     best = max((h['miou'] for h in hist if h.get('miou') is not None and not math.isnan(h['miou'])), default=float('nan'))
     print(f"done: {len(hist)} epochs, best validation mIoU {best:.4f}; checkpoints in {out}")
 
-# %% ../nbs/10_cli.ipynb #ece47009
+# %% ../nbs/10_cli.ipynb #38f03aa9
 def cmd_lr_find(a):
     "Print the suggested learning rate and write `lr_find.png`."
     device = _device(a.device)
@@ -242,9 +247,9 @@ def cmd_lr_find(a):
     lr, res = _suggest_lr(model.to(device), dls, loss, a, out)
     sugg = {m: res.suggest(m) for m in ('steepest', 'valley', 'minimum/10')}
     print(' '.join(f"{k}={v:.2e}" for k, v in sugg.items() if v is not None))
-    print(f"suggested lr: {lr:.2e} (plot: {out/'lr_find.png'})")
+    print(f"suggested one-cycle peak lr (steepest/10): {lr:.2e} (plot: {out/'lr_find.png'})")
 
-# %% ../nbs/10_cli.ipynb #955932c9
+# %% ../nbs/10_cli.ipynb #6c4f5ea1
 def cmd_evaluate(a):
     "Metrics of a checkpoint on a dataset; `--json` writes pixel_accuracy, miou, per_class_iou, dice."
     from segtutor.learner import load_model
@@ -273,7 +278,7 @@ def cmd_predict(a):
                            overlays=not a.no_overlays)
     print(f"wrote {len(paths)} masks to {a.out}" + ('' if a.no_overlays else f" (overlays in {Path(a.out)/'overlays'})"))
 
-# %% ../nbs/10_cli.ipynb #90d10827
+# %% ../nbs/10_cli.ipynb #f2c480f7
 def _img_tag(fn, alt):
     b64 = base64.b64encode(Path(fn).read_bytes()).decode()
     return f'<figure><img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}"><figcaption>{html.escape(alt)}</figcaption></figure>'
@@ -298,7 +303,7 @@ def _overlay_grid(pred_dir, inputs, fn, n=6):
         ax.imshow(ov); ax.set_title(f'{f.stem} {ov.width}x{ov.height}', fontsize=8); ax.axis('off')
     fig.tight_layout(); fig.savefig(fn, bbox_inches='tight'); plt.close(fig)
 
-# %% ../nbs/10_cli.ipynb #130a0b3c
+# %% ../nbs/10_cli.ipynb #02ac1d7a
 def _write_report(out, metrics, table, hist, lr, secs, pics):
     "report.md (pictures as files) and report.html (pictures embedded)."
     head = (f"# segtutor demo report\n\nSynthetic darkfield data, model `unet:16:3`, LR finder → one-cycle at lr={lr:.2e}, "
@@ -314,7 +319,7 @@ def _write_report(out, metrics, table, hist, lr, secs, pics):
     style = "body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px}img{max-width:100%}"
     (out/'report.html').write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>segtutor demo</title><style>{style}</style></head><body>{body}</body></html>")
 
-# %% ../nbs/10_cli.ipynb #dd021837
+# %% ../nbs/10_cli.ipynb #fe633c13
 def cmd_demo(a):
     "Synthetic data -> LR finder -> one-cycle -> evaluation -> predictions -> report."
     from segtutor.data import DarkfieldDataset, make_darkfield
@@ -325,13 +330,13 @@ def cmd_demo(a):
     t0, out = time.time(), _out_dir(a.out)
     torch.manual_seed(a.seed); device = _device(a.device)
     ns = argparse.Namespace(model='unet:16:3', weights='none', norm='per_image', freeze_encoder=False, freeze_decoder=False,
-                            freeze_head=False, img_size=128, batch_size=16, workers=None, loss='ce', seed=a.seed, num_it=60)
+                            freeze_head=False, img_size=128, batch_size=16, workers=None, loss='ce', seed=a.seed, num_it=60,
+                            aug='flips', data='synthetic')
     print(f"[1/5] data: {a.n_train} training and 64 validation images (synthetic darkfield, 128x128); device {device}")
     train_ds, valid_ds = DarkfieldDataset(a.n_train, 128, a.seed), DarkfieldDataset(64, 128, a.seed+100_000)
     dls, model, loss, norm = _build(ns, train_ds, valid_ds, train_ds.classes, device)
     print("[2/5] LR finder")
     lr, _ = _suggest_lr(model.to(device), dls, loss, ns, out)
-    lr = float(np.clip(lr, 1e-3, 2e-2))
     print(f"      one-cycle max lr {lr:.2e}\n[3/5] training {a.epochs} epochs")
     config = dict(model=ns.model, model_kwargs=getattr(model, 'spec_kwargs', {}), n_classes=3, classes=train_ds.classes, norm=norm,
                   img_size=128, data='synthetic', loss='ce', lr=lr, scheduler='onecycle', epochs=a.epochs, seed=a.seed)
@@ -355,7 +360,7 @@ def cmd_demo(a):
     _write_report(out, res.metrics, table, hist, lr, secs, pics)
     print(f"mIoU {res['miou']:.4f} in {secs:.0f} s; report: {out/'report.html'}")
 
-# %% ../nbs/10_cli.ipynb #dc3fc1e4
+# %% ../nbs/10_cli.ipynb #d0178f10
 def main(argv=None):
     "Entry point of the `segtutor` console script."
     a = build_parser().parse_args(argv)
