@@ -6,14 +6,14 @@
 __all__ = ['SCHEDULERS', 'LOSSES', 'parse_data_spec', 'load_data', 'CLIError', 'build_parser', 'cmd_make_data', 'cmd_train',
            'cmd_lr_find', 'cmd_evaluate', 'cmd_predict', 'cmd_demo', 'main']
 
-# %% ../nbs/10_cli.ipynb #e76b6be9
+# %% ../nbs/10_cli.ipynb #2ae5b7d2
 import argparse, base64, html, json, math, os, sys, time, traceback
 from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
 
-# %% ../nbs/10_cli.ipynb #55effa6c
+# %% ../nbs/10_cli.ipynb #8ea6f201
 def parse_data_spec(spec:str):
     "Split a data spec into (kind, root): 'synthetic', 'pets:ROOT', 'voc:ROOT', 'coco:ROOT' or a folder."
     for kind in ('pets', 'voc', 'coco'):
@@ -21,7 +21,7 @@ def parse_data_spec(spec:str):
     if spec == 'synthetic': return 'synthetic', None
     return 'folder', spec
 
-# %% ../nbs/10_cli.ipynb #1d1c4900
+# %% ../nbs/10_cli.ipynb #6893bceb
 def _check_masks(ds, n_classes, progress=True):
     "Read every mask of a folder dataset with `n_classes` declared (raises `SegDataError` naming the first bad file)."
     from tqdm.auto import tqdm
@@ -54,7 +54,7 @@ def load_data(spec:str, num_classes:int|None=None, mask_suffix:str='', valid_pct
         raise SegDataError(f"{root}: {kind} has {len(tr.classes)} classes, not --num-classes {num_classes}")
     return tr, va, tr.classes
 
-# %% ../nbs/10_cli.ipynb #b3416d20
+# %% ../nbs/10_cli.ipynb #3bf05308
 class CLIError(Exception):
     "An error the command reports as one line (exit status 2)."
 
@@ -80,7 +80,7 @@ def _run(fn, args):
         print(f"segtutor {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
 
-# %% ../nbs/10_cli.ipynb #51621fb6
+# %% ../nbs/10_cli.ipynb #6e02880f
 def _out_dir(path, what='output folder'):
     "Create `path` (and parents) and check it is writable, or raise a `CLIError` naming it."
     p = Path(path)
@@ -95,7 +95,7 @@ def _write_json(obj, fn):
     fn = Path(fn); tmp = fn.with_name(f'.{fn.name}.tmp')
     tmp.write_text(json.dumps(obj, indent=2)); os.replace(tmp, fn)
 
-# %% ../nbs/10_cli.ipynb #ce9c1b18
+# %% ../nbs/10_cli.ipynb #ed619cb7
 SCHEDULERS = ['onecycle', 'cosine', 'step', 'exponential', 'cyclic', 'poly', 'constant']
 LOSSES = ['ce', 'dice', 'ce+dice', 'bce+dice', 'focal', 'tversky', 'focal-tversky']
 
@@ -122,7 +122,7 @@ def _add_model_args(p):
     for part in ('encoder', 'decoder', 'head'):
         p.add_argument(f'--freeze-{part}', action='store_true', help=f"do not train the {part}")
 
-# %% ../nbs/10_cli.ipynb #a8836885
+# %% ../nbs/10_cli.ipynb #5aac91d7
 def build_parser():
     "The `segtutor` argument parser with its subcommands."
     ap = argparse.ArgumentParser(prog='segtutor', description="Semantic segmentation tutorial toolkit: train, evaluate and predict.")
@@ -163,14 +163,14 @@ def build_parser():
     p.add_argument('--json', default=None)
     return ap
 
-# %% ../nbs/10_cli.ipynb #8dcb3e58
+# %% ../nbs/10_cli.ipynb #53e8c4bc
 def cmd_make_data(a):
     "Write the synthetic darkfield set."
     from segtutor.data import write_darkfield
     d = write_darkfield(_out_dir(a.dir), a.n, a.size, a.seed, a.binary)
     print(f"wrote {a.n} image/mask pairs ({a.size}x{a.size}) to {d}/images and {d}/masks")
 
-# %% ../nbs/10_cli.ipynb #3cb894cf
+# %% ../nbs/10_cli.ipynb #04337509
 def _device(name):
     from segtutor.learner import default_device
     return default_device(name)
@@ -198,7 +198,7 @@ def _build(a, train_ds, valid_ds, classes, device):
     except ValueError as e: raise CLIError(str(e)) from None
     return dls, model, get_loss(a.loss, len(classes)), norm
 
-# %% ../nbs/10_cli.ipynb #3616fe7f
+# %% ../nbs/10_cli.ipynb #373788ea
 def _suggest_lr(model, dls, loss, a, out=None):
     "Run the LR finder; return one-cycle's peak learning rate, a tenth of the steepest-descent rate (and save the plot in `out`)."
     from segtutor.lr_finder import lr_find
@@ -236,7 +236,7 @@ def cmd_train(a):
     best = max((h['miou'] for h in hist if h.get('miou') is not None and not math.isnan(h['miou'])), default=float('nan'))
     print(f"done: {len(hist)} epochs, best validation mIoU {best:.4f}; checkpoints in {out}")
 
-# %% ../nbs/10_cli.ipynb #38f03aa9
+# %% ../nbs/10_cli.ipynb #49a81a48
 def cmd_lr_find(a):
     "Print the suggested learning rate and write `lr_find.png`."
     device = _device(a.device)
@@ -249,7 +249,7 @@ def cmd_lr_find(a):
     print(' '.join(f"{k}={v:.2e}" for k, v in sugg.items() if v is not None))
     print(f"suggested one-cycle peak lr (steepest/10): {lr:.2e} (plot: {out/'lr_find.png'})")
 
-# %% ../nbs/10_cli.ipynb #6c4f5ea1
+# %% ../nbs/10_cli.ipynb #bbb7e7cf
 def cmd_evaluate(a):
     "Metrics of a checkpoint on a dataset; `--json` writes pixel_accuracy, miou, per_class_iou, dice."
     from segtutor.learner import load_model
@@ -278,7 +278,7 @@ def cmd_predict(a):
                            overlays=not a.no_overlays)
     print(f"wrote {len(paths)} masks to {a.out}" + ('' if a.no_overlays else f" (overlays in {Path(a.out)/'overlays'})"))
 
-# %% ../nbs/10_cli.ipynb #f2c480f7
+# %% ../nbs/10_cli.ipynb #0fa5e8c8
 def _img_tag(fn, alt):
     b64 = base64.b64encode(Path(fn).read_bytes()).decode()
     return f'<figure><img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}"><figcaption>{html.escape(alt)}</figcaption></figure>'
@@ -303,7 +303,7 @@ def _overlay_grid(pred_dir, inputs, fn, n=6):
         ax.imshow(ov); ax.set_title(f'{f.stem} {ov.width}x{ov.height}', fontsize=8); ax.axis('off')
     fig.tight_layout(); fig.savefig(fn, bbox_inches='tight'); plt.close(fig)
 
-# %% ../nbs/10_cli.ipynb #02ac1d7a
+# %% ../nbs/10_cli.ipynb #3355973b
 def _write_report(out, metrics, table, hist, lr, secs, pics):
     "report.md (pictures as files) and report.html (pictures embedded)."
     head = (f"# segtutor demo report\n\nSynthetic darkfield data, model `unet:16:3`, LR finder → one-cycle at lr={lr:.2e}, "
@@ -319,7 +319,7 @@ def _write_report(out, metrics, table, hist, lr, secs, pics):
     style = "body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px}img{max-width:100%}"
     (out/'report.html').write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>segtutor demo</title><style>{style}</style></head><body>{body}</body></html>")
 
-# %% ../nbs/10_cli.ipynb #fe633c13
+# %% ../nbs/10_cli.ipynb #919c51c3
 def cmd_demo(a):
     "Synthetic data -> LR finder -> one-cycle -> evaluation -> predictions -> report."
     from segtutor.data import DarkfieldDataset, make_darkfield
@@ -360,7 +360,7 @@ def cmd_demo(a):
     _write_report(out, res.metrics, table, hist, lr, secs, pics)
     print(f"mIoU {res['miou']:.4f} in {secs:.0f} s; report: {out/'report.html'}")
 
-# %% ../nbs/10_cli.ipynb #d0178f10
+# %% ../nbs/10_cli.ipynb #fca55a1b
 def main(argv=None):
     "Entry point of the `segtutor` console script."
     a = build_parser().parse_args(argv)
