@@ -27,3 +27,28 @@ def test_every_lesson_exports_its_module():
     nbs = sorted(p.name for p in (ROOT/'nbs').glob('[0-9]*.ipynb'))
     assert nbs[0] == '00_data.ipynb' and len(nbs) >= 2, nbs
     for nb in nbs: assert '#| default_exp ' in (ROOT/'nbs'/nb).read_text(), f"{nb} has no default_exp" 
+
+
+def _cfg():
+    cfg = configparser.ConfigParser(delimiters=['=']); cfg.read(ROOT/'settings.ini'); return cfg['DEFAULT']
+
+def _code_cells(nb):
+    import json
+    return [''.join(c['source']) for c in json.loads(nb.read_text())['cells'] if c['cell_type'] == 'code']
+
+def test_every_lesson_is_colab_ready():
+    "Each lesson installs segtutor from the repository in `settings.ini` when it is missing, and exports only at home."
+    user, repo = _cfg()['user'], _cfg()['repo']
+    for nb in sorted((ROOT/'nbs').glob('[0-9]*.ipynb')):
+        code = _code_cells(nb)
+        setup = [c for c in code[:3] if "find_spec('segtutor') is None" in c]
+        assert setup and setup[0].startswith('#| hide'), f"{nb.name}: no hidden setup cell among the first code cells"
+        assert f'git+https://github.com/{user}/{repo}' in setup[0] and '[dev]' in setup[0], f"{nb.name}: {setup[0]}"
+        exports = [c for c in code if 'nbdev_export()' in c]
+        assert exports and all("Path('../settings.ini').exists()" in c for c in exports), f"{nb.name}: unguarded export cell"
+
+def test_readme_has_a_colab_badge_per_lesson():
+    user, repo, branch = _cfg()['user'], _cfg()['repo'], _cfg()['branch']
+    readme = (ROOT/'README.md').read_text()
+    for nb in sorted((ROOT/'nbs').glob('[0-9]*.ipynb')):
+        assert f'https://colab.research.google.com/github/{user}/{repo}/blob/{branch}/nbs/{nb.name}' in readme, nb.name
