@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['VIEWS', 'render_view', 'view_caption', 'PredViewer']
 
-# %% ../nbs/09a_viewers.ipynb #6f04f0f2
+# %% ../nbs/09a_viewers.ipynb #0842483e
 import io
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from .data import overlay, PALETTE
 from .evaluate import error_map, probs_to_mask, predict_logits, ERR_COLORS
 from .augment import normalize
 
-# %% ../nbs/09a_viewers.ipynb #5702f373
+# %% ../nbs/09a_viewers.ipynb #527ee567
 VIEWS = ('prediction', 'truth', 'errors', 'side by side')
 
 def render_view(img:np.ndarray, # (H,W,3) uint8 image
@@ -42,7 +42,7 @@ def view_caption(i:int, truth, probs, classes, threshold=None):
         if t.any() or p.any(): parts.append(f'{name} {(t & p).sum()/max((t | p).sum(), 1):.2f}')
     return f"sample {i} · IoU " + ', '.join(parts) + (f" · threshold {threshold:.2f}" if threshold is not None else '')
 
-# %% ../nbs/09a_viewers.ipynb #05202421
+# %% ../nbs/09a_viewers.ipynb #3a422f48
 def _png(a:np.ndarray, scale:int=3):
     "PNG bytes of an (H,W,3) uint8 array, enlarged `scale` times with nearest neighbour."
     from PIL import Image
@@ -66,7 +66,7 @@ class PredViewer:
                               self.threshold, self.image, self.caption])
         self.redraw()
 
-# %% ../nbs/09a_viewers.ipynb #c49f52ef
+# %% ../nbs/09a_viewers.ipynb #a9a84567
 def _pv_redraw(self, change=None):
     "Re-render the picture and caption from the current control values."
     i, th = self.sample.value, (self.threshold.value if len(self.classes) == 2 else None)

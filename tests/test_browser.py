@@ -5,7 +5,7 @@ playwright comes with `.[dev]`; nothing is downloaded here (never `playwright in
 JupyterLab runs on 127.0.0.1 against a temporary copy of nbs/, with IN_TEST=1 so lessons take their short path.
 Screenshots of a failing run are kept in artifacts/browser/.
 """
-import json, os, shutil, signal, socket, subprocess, sys, time, urllib.request
+import json, os, re, shutil, signal, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 import pytest
 
@@ -75,7 +75,9 @@ class Lesson:
         self.url, self.work = lab
         self.name, self.page = name, browser.new_page(viewport={'width': 1400, 'height': 1000})
         self.page.set_default_timeout(60_000)
-        self.page.goto(f'{self.url}/lab/tree/nbs/{name}')
+        # a workspace of its own, reset: no tabs (and kernels) restored from the lessons opened before
+        ws = ''.join(ch for ch in Path(name).stem if ch.isalnum())
+        self.page.goto(f'{self.url}/lab/workspaces/w{ws}/tree/nbs/{name}?reset')
         self.page.wait_for_selector('.jp-Notebook .jp-Cell')
         self.page.wait_for_timeout(1500)
         self.dismiss_dialogs()
@@ -125,7 +127,11 @@ class Lesson:
         unrun = sum(1 for c in nb['cells'] if c['cell_type'] == 'code' and c['source'] and c.get('execution_count') is None)
         return errs + ([f"{unrun} code cells never ran"] if unrun else [])
 
-    def close(self): self.page.close()
+    def close(self):
+        "Close the page and shut down every kernel, so the next lesson starts with the machine to itself."
+        self.page.close()
+        api = lambda path, method='GET': urllib.request.urlopen(urllib.request.Request(self.url + path, method=method), timeout=30)
+        for s in json.loads(api('/api/sessions').read()): api(f"/api/sessions/{s['id']}", 'DELETE')
 
 def _wait_change(page, selector, before, attr=None, timeout_s=30):
     "Wait until the element's attribute (or text) differs from `before`; return the new value."
@@ -184,7 +190,8 @@ def test_prediction_viewer_reacts(browser, lab):
         cap1 = _wait_change(les.page, cap, cap0)
         if src1 is None or cap1 is None: les.shot('pred-slider-no-change')
         assert src1 is not None and cap1 is not None, "prediction viewer did not update after moving the sample slider"
-        assert 'sample 1' in cap1, cap1
+        n0, n1 = (int(re.search(r'sample (\d+)', c).group(1)) for c in (cap0, cap1))
+        assert n1 == n0 + 1, (cap0, cap1)
         les.page.locator(".jp-OutputArea-output .widget-checkbox input[type=checkbox]").first.click()
         src2 = _wait_change(les.page, img, src1, 'src')
         if src2 is None: les.shot('pred-toggle-no-change')
