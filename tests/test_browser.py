@@ -2,7 +2,9 @@
 
 Run alone with `pytest -m browser tests/test_browser.py`. The test command (`make test`) installs chromium;
 playwright comes with `.[dev]`; nothing is downloaded here (never `playwright install`).
-JupyterLab runs on 127.0.0.1 against a temporary copy of nbs/, with IN_TEST=1 so lessons take their short path.
+JupyterLab runs on 127.0.0.1 against a temporary copy of nbs/, with IN_TEST=1 so lessons take their short path;
+as under `nbdev_test`, the copy leaves out the cells flagged with settings.ini's `tst_flags` (`#| slow`: full-size
+training that takes minutes; run those with `nbdev_test --flags slow`).
 Screenshots of a failing run are kept in artifacts/browser/.
 """
 import json, os, re, shutil, signal, socket, subprocess, sys, time, urllib.request
@@ -23,6 +25,23 @@ def _need_browser():
         if os.environ.get('CI'): pytest.fail(f"browser test cannot run in CI: missing {missing}")
         pytest.skip(f"missing {missing}: run `make browser-deps` (apt-get install chromium)")
 
+def _tst_flags():
+    "The `tst_flags` of settings.ini (cells marked `#| slow` etc.), which `nbdev_test` skips unless asked."
+    import configparser
+    cfg = configparser.ConfigParser(delimiters=['=']); cfg.read(ROOT/'settings.ini')
+    return set(cfg['DEFAULT'].get('tst_flags', '').split())
+
+def _drop_flagged_cells(fn, flags=None):
+    "Remove the code cells that nbdev_test would skip (`#| slow`, `#| notest`; full-size training) from a copied notebook."
+    flags = _tst_flags() if flags is None else flags
+    nb = json.loads(Path(fn).read_text())
+    def flagged(c):
+        src = ''.join(c['source']).splitlines()
+        dirs = [l.split('|', 1)[1].strip() for l in src if re.match(r'^\s*#\s*\|', l)]
+        return c['cell_type'] == 'code' and any(d in flags for d in dirs)
+    nb['cells'] = [c for c in nb['cells'] if not flagged(c)]
+    Path(fn).write_text(json.dumps(nb, indent=1))
+
 def _free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
@@ -34,6 +53,7 @@ def lab(tmp_path_factory):
     work = tmp_path_factory.mktemp('lab')
     shutil.copytree(ROOT/'nbs', work/'nbs', ignore=shutil.ignore_patterns('.ipynb_checkpoints', '_*'))
     shutil.copytree(ROOT/'data', work/'data')
+    for nb in (work/'nbs').glob('*.ipynb'): _drop_flagged_cells(nb)
     settings = Path(sys.prefix)/'share'/'jupyter'/'lab'/'settings'
     settings.mkdir(parents=True, exist_ok=True)
     (settings/'overrides.json').write_text(json.dumps(
@@ -210,6 +230,15 @@ def test_lesson_runs_in_browser(browser, lab, name):
         if errs: les.shot('error')
         assert not errs, errs
     finally: les.close()
+
+def test_flagged_cells_are_dropped_from_the_copy(tmp_path):
+    "The copy that the browser runs has no `#| slow` cell, like nbdev_test's run; everything else is kept."
+    src = ROOT/'nbs'/'08_lr_finder.ipynb'
+    n_slow = sum('#| slow' in ''.join(c['source']) for c in json.loads(src.read_text())['cells'])
+    assert n_slow >= 1 and 'slow' in _tst_flags()
+    shutil.copy(src, tmp_path/src.name); _drop_flagged_cells(tmp_path/src.name)
+    before, after = (json.loads(f.read_text())['cells'] for f in (src, tmp_path/src.name))
+    assert len(after) == len(before) - n_slow and not any('#| slow' in ''.join(c['source']) for c in after)
 
 def test_report_browser_times():
     "Writes the per-lesson browser run times measured above (artifacts/browser/times.json)."
