@@ -40,8 +40,9 @@ sync: $(STAMP)
 	  echo "Notebooks, library and README are out of sync (or files are uncommitted):"; echo "$$out"; \
 	  git --no-pager diff --stat; exit 1; fi; echo "sync: notebooks, library and README match"
 
+# two notebooks at a time, one torch thread each: two threads per process on two cores would oversubscribe them
 nbtest: $(STAMP)
-	$(BIN)/nbdev_test --n_workers 2 --timing
+	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2 --timing
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest tests -v -rs --durations=15

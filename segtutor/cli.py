@@ -9,9 +9,7 @@ __all__ = ['SCHEDULERS', 'LOSSES', 'parse_data_spec', 'load_data', 'CLIError', '
 # %% ../nbs/10_cli.ipynb #2ae5b7d2
 import argparse, base64, html, json, math, os, sys, time, traceback
 from pathlib import Path
-import numpy as np
-import torch
-from PIL import Image
+from PIL import Image   # torch is imported inside the commands that need it, so `segtutor --help` answers at once
 
 # %% ../nbs/10_cli.ipynb #8ea6f201
 def parse_data_spec(spec:str):
@@ -213,6 +211,7 @@ def _suggest_lr(model, dls, loss, a, out=None):
 
 def cmd_train(a):
     "Train a model on a data spec; checkpoints and logs go to `--out`."
+    import torch
     from segtutor.learner import Learner
     torch.manual_seed(a.seed)
     device = _device(a.device)
@@ -326,6 +325,7 @@ def cmd_demo(a):
     from segtutor.learner import Learner
     from segtutor.evaluate import evaluate, per_class_table, plot_confusion, predict_folder
     import matplotlib; matplotlib.use('Agg')
+    import torch
     import matplotlib.pyplot as plt
     t0, out = time.time(), _out_dir(a.out)
     torch.manual_seed(a.seed); device = _device(a.device)
