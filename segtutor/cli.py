@@ -127,7 +127,10 @@ def build_parser():
     sub = ap.add_subparsers(dest='cmd', required=True, metavar='COMMAND')
     p = sub.add_parser('demo', help="the main job, end to end on synthetic data (about two minutes on CPU)")
     p.add_argument('--out', default='demo_out', help="output folder (default demo_out)")
-    p.add_argument('--epochs', type=int, default=7); p.add_argument('--n-train', type=int, default=400)
+    p.add_argument('--epochs', type=int, default=7, help="one-cycle epochs (default 7)")
+    p.add_argument('--n-train', type=int, default=400, help="synthetic training slides (default 400)")
+    p.add_argument('--img-size', type=int, default=128, help="slide side in pixels (default 128)")
+    p.add_argument('--num-it', type=int, default=60, help="LR finder iterations (default 60)")
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps']); p.add_argument('--seed', type=int, default=0)
     p = sub.add_parser('make-data', help="write the synthetic darkfield dataset")
     p.add_argument('dir', help="destination folder (gets images/ and masks/)")
@@ -330,16 +333,16 @@ def cmd_demo(a):
     t0, out = time.time(), _out_dir(a.out)
     torch.manual_seed(a.seed); device = _device(a.device)
     ns = argparse.Namespace(model='unet:16:3', weights='none', norm='per_image', freeze_encoder=False, freeze_decoder=False,
-                            freeze_head=False, img_size=128, batch_size=16, workers=None, loss='ce', seed=a.seed, num_it=60,
+                            freeze_head=False, img_size=a.img_size, batch_size=16, workers=None, loss='ce', seed=a.seed, num_it=a.num_it,
                             aug='flips', data='synthetic')
-    print(f"[1/5] data: {a.n_train} training and 64 validation images (synthetic darkfield, 128x128); device {device}")
-    train_ds, valid_ds = DarkfieldDataset(a.n_train, 128, a.seed), DarkfieldDataset(64, 128, a.seed+100_000)
+    print(f"[1/5] data: {a.n_train} training and 64 validation images (synthetic darkfield, {a.img_size}x{a.img_size}); device {device}")
+    train_ds, valid_ds = DarkfieldDataset(a.n_train, a.img_size, a.seed), DarkfieldDataset(64, a.img_size, a.seed+100_000)
     dls, model, loss, norm = _build(ns, train_ds, valid_ds, train_ds.classes, device)
-    print("[2/5] LR finder")
+    print(f"[2/5] LR finder ({a.num_it} iterations)")
     lr, _ = _suggest_lr(model.to(device), dls, loss, ns, out)
     print(f"      one-cycle max lr {lr:.2e}\n[3/5] training {a.epochs} epochs")
     config = dict(model=ns.model, model_kwargs=getattr(model, 'spec_kwargs', {}), n_classes=3, classes=train_ds.classes, norm=norm,
-                  img_size=128, data='synthetic', loss='ce', lr=lr, scheduler='onecycle', epochs=a.epochs, seed=a.seed)
+                  img_size=a.img_size, data='synthetic', loss='ce', lr=lr, scheduler='onecycle', epochs=a.epochs, seed=a.seed)
     learn = Learner(model, dls, loss, lr=lr, sched='onecycle', device=device, out=out/'run', config=config, seed=a.seed)
     hist = learn.fit(a.epochs)
     print("[4/5] evaluation")

@@ -153,7 +153,7 @@ def test_every_subcommand_has_help():
         assert 'usage: segtutor ' + cmd in r.stdout
 
 def test_quick_demo_writes_report_and_metrics(tmp_path):
-    r = ok(run('demo', '--out', tmp_path/'demo', '--epochs', 1, '--n-train', 48))
+    r = ok(run('demo', '--out', tmp_path/'demo', '--epochs', 1, '--n-train', 48, '--img-size', 64, '--num-it', 20))
     out = tmp_path/'demo'
     js = json.loads((out/'metrics.json').read_text())
     assert {'pixel_accuracy', 'miou', 'per_class_iou', 'dice'} <= set(js) and 0 <= js['miou'] <= 1
