@@ -301,7 +301,7 @@ def _overlay_grid(pred_dir, inputs, fn, n=6):
     fs = sorted(Path(inputs).glob('*.png'))[:n]
     fig, axs = plt.subplots(1, len(fs), figsize=(2.2*len(fs), 2.6), dpi=90, squeeze=False)
     for ax, f in zip(axs[0], fs):
-        ov = Image.open(Path(pred_dir)/'overlays'/f.name)
+        ov = Image.open(Path(pred_dir)/'overlays'/f'{f.stem}.jpg')
         ax.imshow(ov); ax.set_title(f'{f.stem} {ov.width}x{ov.height}', fontsize=8); ax.axis('off')
     fig.tight_layout(); fig.savefig(fn, bbox_inches='tight'); plt.close(fig)
 

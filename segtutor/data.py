@@ -143,9 +143,10 @@ def overlay(img, # (H,W,3) uint8 image
             alpha:float=0.5, # opacity of the colours
             palette=None):
     "Blend the colorized `mask` over `img` wherever the class is not background."
-    img, col = np.asarray(img, np.float32), colorize(mask, palette).astype(np.float32)
-    a = alpha*(np.asarray(mask) > 0)[..., None]
-    return (img*(1-a) + col*a).round().astype(np.uint8)
+    img, mask = np.asarray(img), np.asarray(mask)
+    out, sel = img.copy(), mask > 0          # only object pixels change: background stays exactly as it was
+    out[sel] = (img[sel]*(1-alpha) + colorize(mask[sel], palette)*alpha).round().astype(np.uint8)
+    return out
 
 # %% ../nbs/00_data.ipynb #abb39c49
 def save_mask(mask, # (H,W) class indices

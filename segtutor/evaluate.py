@@ -8,6 +8,7 @@ __all__ = ['ERR_COLORS', 'predict_logits', 'probs_to_mask', 'predict_image', 'li
 
 # %% ../nbs/09_evaluation.ipynb #8e4e898e
 import os, math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np
 import torch
@@ -75,11 +76,15 @@ def _atomic_png(save, fn):
         if tmp.exists(): tmp.unlink()
 
 # %% ../nbs/09_evaluation.ipynb #504d07d5
+def _read_all(files):
+    "Read every image (two threads: PIL decodes without holding the GIL); the first unreadable file raises, by name."
+    with ThreadPoolExecutor(2) as pool: return dict(zip(files, pool.map(load_image, files)))
+
 def predict_folder(model, inp, out, norm:str='per_image', bs:int=8, device=None, tile:int|None=None,
                    threshold:float|None=None, palette=None, overlays:bool=True, progress:bool=True):
-    "Predict every image in `inp` (file or folder) and write `out/<stem>.png` index masks (+ `out/overlays/`); returns the mask paths."
+    "Predict every image in `inp` (file or folder) and write `out/<stem>.png` index masks (+ `out/overlays/<stem>.jpg`); returns the mask paths."
     files = list_inputs(inp)
-    imgs = {f: load_image(f) for f in files}     # read (and validate) everything before writing anything
+    imgs = _read_all(files)                      # read (and validate) everything before writing anything
     out = Path(out)
     try: (out/'overlays' if overlays else out).mkdir(parents=True, exist_ok=True)
     except OSError as e: raise SegDataError(f"{out}: cannot create the output folder ({e.strerror})") from None
@@ -92,10 +97,11 @@ def predict_folder(model, inp, out, norm:str='per_image', bs:int=8, device=None,
         for i in range(0, len(group), bs):
             fs = group[i:i+bs]
             x = normalize(torch.from_numpy(np.stack([imgs[f] for f in fs])).permute(0, 3, 1, 2), norm).to(device)
-            masks = probs_to_mask(predict_logits(model.eval(), x, tile=tile).float().softmax(1), threshold).cpu().numpy()
+            logits = predict_logits(model.eval(), x, tile=tile)
+            masks = (logits.argmax(1) if threshold is None else probs_to_mask(logits.float().softmax(1), threshold)).cpu().numpy()
             for f, m in zip(fs, masks.astype(np.uint8)):
                 _atomic_png(lambda t: save_mask(m, t, palette), out/f'{f.stem}.png')
-                if overlays: _atomic_png(lambda t: Image.fromarray(overlay(imgs[f], m, 0.5, palette)).save(t), out/'overlays'/f'{f.stem}.png')
+                if overlays: _atomic_png(lambda t: Image.fromarray(overlay(imgs[f], m, 0.5, palette)).save(t, 'JPEG', quality=90), out/'overlays'/f'{f.stem}.jpg')
                 done[f] = out/f'{f.stem}.png'
             bar.update(len(fs))
     bar.close()

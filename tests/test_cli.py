@@ -61,7 +61,7 @@ def test_predict_writes_index_pngs_of_the_input_sizes(work):
         m = Image.open(work/'pred'/f'{f.stem}.png')
         assert m.mode == 'P' and m.size == Image.open(f).size, (f.name, m.mode, m.size)
         assert set(np.unique(np.array(m))) <= {0, 1, 2}
-        assert (work/'pred'/'overlays'/f'{f.stem}.png').exists()
+        assert (work/'pred'/'overlays'/f'{f.stem}.jpg').exists()
     assert not list((work/'pred').glob('.*tmp*')), "temporary files left behind"
 
 def _miou_from_pngs(pred_dir, mask_dir, n):
