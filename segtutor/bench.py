@@ -193,11 +193,13 @@ class CappedLearner(Learner):
 # %% ../nbs/10a_bench.ipynb #2e98dcbb
 def _reached(hist, target): return bool(hist) and hist[-1]['miou'] >= target
 
-def recipe_onecycle(model, dls, device='cpu', epochs:int=7, target:float=0.85, num_it:int=60):
+def recipe_onecycle(model, dls, device='cpu', epochs:int=7, target:float=0.85, num_it:int=30):
     "The demo recipe, timed: LR finder, one-cycle AdamW peaking at steepest/10 (as `segtutor demo`), stopping at `target`."
     from segtutor.lr_finder import lr_find
+    from segtutor.cli import AUTO_LR
     learn = Learner(model, dls, 'ce', device=device, progress=False, live_plot=False)
-    t_find, res = timed(lambda: lr_find(learn.model, dls.train, learn.loss_func, num_it=num_it), device)
+    rng = {k: v for k, v in AUTO_LR.items() if k != 'num_it'}      # the demo's sweep, 1e-5 to 1
+    t_find, res = timed(lambda: lr_find(learn.model, dls.train, learn.loss_func, num_it=num_it, **rng), device)
     lr = res.suggest('steepest')/10          # the rule of `segtutor train --lr auto` (lesson 10)
     t_fit, hist = timed(lambda: learn.fit(epochs, lr=lr, target_miou=target), device)
     return dict(history=hist, lr=lr, finder_s=t_find, seconds=t_find + t_fit, reached=_reached(hist, target))
@@ -213,7 +215,7 @@ def recipe_constant(model, dls, device='cpu', max_epochs:int=25, target:float=0.
 def _curve(run): return np.cumsum([run['finder_s']] + [h['time'] for h in run['history']])[1:].tolist(), [h['miou'] for h in run['history']]
 
 def bench_ttq(device='cpu', spec:str='unet:16:3', size:int=128, n_train:int=400, n_valid:int=64, bs:int=16, epochs:int=7,
-              max_epochs:int=25, cap:float=3., target:float=0.85, num_it:int=60, seed:int=0, workers:int|None=None):
+              max_epochs:int=25, cap:float=3., target:float=0.85, num_it:int=30, seed:int=0, workers:int|None=None):
     "Seconds to validation mIoU `target`: the demo recipe (LR finder + one-cycle) vs constant Adam 1e-3 (capped)."
     from segtutor.augment import darkfield_dls
     from segtutor.models import get_model
@@ -345,9 +347,9 @@ def _device_rows(r:dict, device='cpu'):
 # %% ../nbs/10a_bench.ipynb #896e02b9
 SETTINGS = dict(spec='unet:16:3', size=128, bs=16, n_batches=6, repeats=5, data_n=400, data_repeats=3, n_images=64,
                 ttq=True, ttq_size=128, ttq_n_train=400, ttq_n_valid=64, ttq_epochs=7, ttq_max_epochs=25, ttq_cap=3.,
-                target=0.85, num_it=60, seed=0)
+                target=0.85, num_it=30, seed=0)
 QUICK = dict(size=64, n_batches=4, repeats=3, data_n=128, data_repeats=2, n_images=32,
-             ttq_size=64, ttq_n_train=128, ttq_n_valid=32, ttq_epochs=7, ttq_max_epochs=12, num_it=30)
+             ttq_size=64, ttq_n_train=128, ttq_n_valid=32, ttq_epochs=7, ttq_max_epochs=12, num_it=20)
 
 # %% ../nbs/10a_bench.ipynb #1734c3a5
 def _parts(dev, s, log):
