@@ -126,7 +126,7 @@ def build_parser():
     "The `segtutor` argument parser with its subcommands."
     ap = argparse.ArgumentParser(prog='segtutor', description="Semantic segmentation tutorial toolkit: train, evaluate and predict.")
     sub = ap.add_subparsers(dest='cmd', required=True, metavar='COMMAND')
-    p = sub.add_parser('demo', help="the main job, end to end on synthetic data (about two minutes on CPU)")
+    p = sub.add_parser('demo', help="the main job, end to end on synthetic data (three to four minutes on two CPU cores)")
     p.add_argument('--out', default='demo_out', help="output folder (default demo_out)")
     p.add_argument('--epochs', type=int, default=7, help="one-cycle epochs (default 7)")
     p.add_argument('--n-train', type=int, default=400, help="synthetic training slides (default 400)")
