@@ -148,10 +148,12 @@ def check_loss(loss:float, ref:float, lr:float, where:str, diverge_th:float=100.
 
 # %% ../nbs/07_training.ipynb #1f183e67
 def write_csv(path, history:list):
-    "Write the history (a list of dicts, one per epoch) as CSV."
+    "Write the history (a list of dicts, one per epoch) as CSV, atomically (temp file + rename)."
     if not history: return
-    with open(path, 'w', newline='') as f:
+    path = Path(path); fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.tmp')
+    with os.fdopen(fd, 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=list(history[0])); w.writeheader(); w.writerows(history)
+    os.replace(tmp, path)
 
 def plot_loss(ax, history:list, recorder:dict|None=None):
     "Train loss (per batch, smoothed, when `recorder` is given) and train/valid loss per epoch, on a log scale."
@@ -408,10 +410,10 @@ def _after_epoch(self, rec:dict, target_miou=None):
     self.history.append(rec); self.epoch = rec['epoch']
     improved = rec['miou'] > self.best
     self.best, self.bad = (rec['miou'], 0) if improved else (self.best, self.bad + 1)
-    if self.is_main: self._log(rec)
-    if self.out is not None:
+    if self.out is not None:   # checkpoints first: the CSV never lists an epoch that last.pt does not hold
         if improved: self.save(self.out/'best.pt')
         self.save(self.out/'last.pt')
+    if self.is_main: self._log(rec)
     if target_miou is not None and rec['miou'] >= target_miou: self.stopped = f"reached mIoU {rec['miou']:.4f} >= {target_miou}"
     elif self.patience is not None and self.bad >= self.patience: self.stopped = f"no better mIoU for {self.patience} epochs"
     return self.stopped is not None
