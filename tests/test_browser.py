@@ -247,19 +247,26 @@ def lesson_runs(browser, lab):
     todo, running, res = list(LESSONS), [], {}
     while todo or running:
         while todo and len(running) < PARALLEL:
-            name = todo.pop(0)
+            name, les = todo.pop(0), None
             try: les = Lesson(browser, lab, name); les.start(); running.append(les)
-            except Exception as e: res[name] = (None, [f"could not open and start: {type(e).__name__}: {e}"])
+            except Exception as e:
+                res[name] = (None, [f"could not open and start: {type(e).__name__}: {e}"])
+                if les is not None: _close_quietly(les)
         time.sleep(0.5)
         for les in list(running):
             try:
                 if les.finished(): res[les.name] = (time.time() - les.t0, les.errors())
-                elif time.time() - les.t0 > 300: les.shot('timeout'); res[les.name] = (None, [f"still running after 300 s"])
+                elif time.time() - les.t0 > 300: les.shot('timeout'); res[les.name] = (None, ["still running after 300 s"])
                 else: continue
                 if res[les.name][1]: les.shot('error')
             except Exception as e: res[les.name] = (None, [f"{type(e).__name__}: {e}"])
-            les.close(); running.remove(les)
+            _close_quietly(les); running.remove(les)
     return res
+
+def _close_quietly(les):
+    "Close a lesson's page and kernel; a failure here must not hide the other lessons' results."
+    try: les.close()
+    except Exception as e: print(f"{les.name}: could not close: {type(e).__name__}: {e}")
 
 @pytest.mark.parametrize('name', LESSONS)
 def test_lesson_runs_in_browser(lesson_runs, name):
