@@ -9,7 +9,7 @@ __all__ = ['CLASSES', 'IGNORE_INDEX', 'PALETTE', 'IMG_EXTS', 'VOC_CLASSES', 'COC
            'make_fake_voc', 'COCODataset', 'make_fake_coco', 'darkfield_folder', 'MaskReport', 'split_idx', 'Subset',
            'DataLoaders', 'get_dls', 'cache_dir', 'sample_dir']
 
-# %% ../nbs/00_data.ipynb #a0b6efd5
+# %% ../nbs/00_data.ipynb #465ebe79
 import json, os, warnings
 from pathlib import Path
 import numpy as np
@@ -19,12 +19,12 @@ from torch.utils.data import Dataset, DataLoader
 from torchvision import tv_tensors
 from tqdm.auto import tqdm
 
-# %% ../nbs/00_data.ipynb #2914a36c
+# %% ../nbs/00_data.ipynb #d1902fa2
 CLASSES = ['background', 'rbc', 'spirochete']  # index 0, 1, 2 in every darkfield mask
 IGNORE_INDEX = 255  # mask value that losses and metrics skip (borders, unlabelled pixels)
 PALETTE = [(0, 0, 0), (230, 70, 60), (70, 210, 255)]  # one RGB colour per class for pictures and palette PNGs
 
-# %% ../nbs/00_data.ipynb #fac45c10
+# %% ../nbs/00_data.ipynb #0fc4c3f9
 def _blur(x:np.ndarray, # (H,W) or (H,W,C) float image
           sigma:float): # standard deviation in pixels
     "Separable Gaussian blur with reflect padding."
@@ -37,7 +37,7 @@ def _blur(x:np.ndarray, # (H,W) or (H,W,C) float image
         x = sum(w*np.take(xp, np.arange(i, i+n), axis=ax) for i, w in enumerate(k))
     return x
 
-# %% ../nbs/00_data.ipynb #c38a08bd
+# %% ../nbs/00_data.ipynb #97c4ffda
 def _thread_dist(pts:np.ndarray, # (P,2) centre-line points as (y,x)
                  size:int):      # image side
     "Distance of each pixel to the polyline `pts` (inf far away) and the arc position (0..1) of its nearest point."
@@ -51,7 +51,7 @@ def _thread_dist(pts:np.ndarray, # (P,2) centre-line points as (y,x)
     t[lo[0]:hi[0], lo[1]:hi[1]] = i/(len(pts)-1)
     return d, t
 
-# %% ../nbs/00_data.ipynb #c3f78dff
+# %% ../nbs/00_data.ipynb #40d14150
 def _thread_path(rng, size:int, s:float, wavy:bool=True):
     "Points (P,2) along a wavy spirochete (or a short straight rod when `wavy=False`); `s` scales pixel sizes."
     L = rng.uniform(35, 80)*s if wavy else rng.uniform(6, 24)*s
@@ -64,7 +64,7 @@ def _thread_path(rng, size:int, s:float, wavy:bool=True):
     pts = centre + normal*(amp*np.sin(2*np.pi*u/lam + rng.uniform(0, 2*np.pi)))[:, None]
     return (pts - pts.mean(0) + rng.uniform(-0.1*size, 1.1*size, 2)).astype(np.float32)
 
-# %% ../nbs/00_data.ipynb #414bf87e
+# %% ../nbs/00_data.ipynb #65b2d45c
 def _background(rng, size:int):
     "Dark tinted background (H,W,3) and the illumination field (H,W) that multiplies the whole picture."
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)/size
@@ -75,7 +75,7 @@ def _background(rng, size:int):
     tint = np.array([0.75, 0.85, 1.0], np.float32)*rng.uniform(0.9, 1.1, 3)
     return np.zeros((size, size, 3), np.float32) + rng.uniform(0.03, 0.08)*tint, vignette*tilt + patch
 
-# %% ../nbs/00_data.ipynb #698ac21a
+# %% ../nbs/00_data.ipynb #ce09fab5
 def _draw_rbc(rng, img:np.ndarray, mask:np.ndarray, s:float):
     "Add one red blood cell to `img` (H,W,3) in place and label its pixels 1 in `mask`."
     size = mask.shape[0]
@@ -91,7 +91,7 @@ def _draw_rbc(rng, img:np.ndarray, mask:np.ndarray, s:float):
     if rng.random() < 0.25: layer = _blur(layer, rng.uniform(1.2, 2.2))
     img += layer; mask[rho < r_th] = 1
 
-# %% ../nbs/00_data.ipynb #7b817fc0
+# %% ../nbs/00_data.ipynb #c03bae40
 def _draw_thread(rng, img:np.ndarray, mask:np.ndarray, s:float, wavy:bool=True):
     "Add a spirochete (labelled 2) or, with `wavy=False`, a look-alike rod (left as background) to `img` in place."
     d, t = _thread_dist(_thread_path(rng, mask.shape[0], s, wavy), mask.shape[0])
@@ -108,7 +108,7 @@ def _draw_debris(rng, img:np.ndarray, s:float):
     blob = np.exp(-((yy-c[0])**2 + (xx-c[1])**2)/(2*r**2))
     img += blob[..., None]*rng.uniform(0.2, 0.7)*np.array([0.9, 0.9, 1.0])*rng.uniform(0.8, 1.1, 3)
 
-# %% ../nbs/00_data.ipynb #42f32ff0
+# %% ../nbs/00_data.ipynb #8bfefa94
 def _camera(rng, img:np.ndarray, s:float):
     "Blur, shot noise and read noise; returns uint8 (H,W,3)."
     img = _blur(img, rng.uniform(0.5, 0.9)*s)
@@ -130,7 +130,7 @@ def make_darkfield(seed:int=0,     # same seed, same picture
     img = _camera(rng, img*illum[..., None], s)
     return img, ((mask > 0).astype(np.uint8) if binary else mask)
 
-# %% ../nbs/00_data.ipynb #12ae82e1
+# %% ../nbs/00_data.ipynb #5ff29f6e
 def colorize(mask, # (H,W) class indices; 255 is drawn white
              palette=None): # list of RGB tuples, one per class
     "RGB picture (H,W,3) uint8 of an index mask."
@@ -148,7 +148,7 @@ def overlay(img, # (H,W,3) uint8 image
     out[sel] = (img[sel]*(1-alpha) + colorize(mask[sel], palette)*alpha).round().astype(np.uint8)
     return out
 
-# %% ../nbs/00_data.ipynb #abb39c49
+# %% ../nbs/00_data.ipynb #9e061bce
 def save_mask(mask, # (H,W) class indices
               fn, palette=None):
     "Save an index mask as a palette PNG (pixel values are class indices)."
@@ -166,7 +166,7 @@ def write_darkfield(dest, # folder that gets images/ and masks/
     (dest/'classes.json').write_text(json.dumps(['background', 'object'] if binary else CLASSES))
     return dest
 
-# %% ../nbs/00_data.ipynb #5729700e
+# %% ../nbs/00_data.ipynb #29515c3a
 class SegDataError(ValueError):
     "A problem with a segmentation image or mask file; the message names the file."
 
@@ -188,7 +188,7 @@ def load_image(fn):
     if im.mode == 'RGBA': return np.asarray(im)[..., :3].copy()
     return np.array(im.convert('RGB'))  # a writable copy (torch.from_numpy warns on read-only arrays)
 
-# %% ../nbs/00_data.ipynb #b44c16af
+# %% ../nbs/00_data.ipynb #0c53ed01
 def load_mask(fn,
               n_classes:int|None=None, # declared number of classes; values >= n_classes (except 255) are an error
               colors=None):            # list of RGB tuples, one per class, for RGB colour masks
@@ -219,7 +219,7 @@ def _rgb_to_index(a, colors, fn):
         raise SegDataError(f"{fn}: colour {bad} is not in the colour table ({len(colors)} classes)")
     return m
 
-# %% ../nbs/00_data.ipynb #d406dd96
+# %% ../nbs/00_data.ipynb #9ce8029c
 def to_tv(img, # (H,W,3) uint8 array
           mask): # (H,W) integer array
     "Wrap a numpy pair as (`tv_tensors.Image` (3,H,W) uint8, `tv_tensors.Mask` (H,W) int64)."
@@ -238,7 +238,7 @@ class SegDataset(Dataset):
         x, y = to_tv(img, mask)
         return self.tfms(x, y) if self.tfms is not None else (x, y)
 
-# %% ../nbs/00_data.ipynb #17e255ed
+# %% ../nbs/00_data.ipynb #ce28655f
 class DarkfieldDataset(SegDataset):
     "`n` synthetic darkfield samples, sample `i` drawn from seed `seed+i`."
     def __init__(self, n:int=64, size:int=128, seed:int=0, binary:bool=False, tfms=None, cache:bool=True):
@@ -253,7 +253,7 @@ class DarkfieldDataset(SegDataset):
         if self._cache is not None: self._cache[i] = r
         return r
 
-# %% ../nbs/00_data.ipynb #8e498854
+# %% ../nbs/00_data.ipynb #ba99abb7
 IMG_EXTS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp', '.gif', '.webp')
 
 def _list_images(d):
@@ -286,7 +286,7 @@ def _read_classes(root):
     f = Path(root)/'classes.json'
     return json.loads(f.read_text()) if f.exists() else None
 
-# %% ../nbs/00_data.ipynb #b1717736
+# %% ../nbs/00_data.ipynb #51397594
 class PetsDataset(SegDataset):
     "Oxford-IIIT Pet segmentation through torchvision, trimaps mapped to `mode` 'binary' or '3class'."
     def __init__(self, root, split:str='trainval', mode:str='binary', border:str='object', download:bool=False, tfms=None):
@@ -304,7 +304,7 @@ class PetsDataset(SegDataset):
         fi, fm = self.ds._images[i], self.ds._segs[i]
         return load_image(fi), self.lut[np.asarray(_open(fm))], fi
 
-# %% ../nbs/00_data.ipynb #ba7b01ff
+# %% ../nbs/00_data.ipynb #7346e6b9
 def make_fake_pets(root, n:int=3, size=(40, 30)):
     "Write a tiny Oxford-IIIT Pet in the official layout under `root` (for tests); returns `root`."
     base = Path(root)/'oxford-iiit-pet'; (base/'images').mkdir(parents=True, exist_ok=True)
@@ -319,7 +319,7 @@ def make_fake_pets(root, n:int=3, size=(40, 30)):
     for split in ('trainval', 'test'): (base/'annotations'/f'{split}.txt').write_text('\n'.join(lines)+'\n')
     return Path(root)
 
-# %% ../nbs/00_data.ipynb #70c1811d
+# %% ../nbs/00_data.ipynb #c6a0d71a
 VOC_CLASSES = ['background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
                'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor']
 
@@ -346,7 +346,7 @@ class VOCDataset(SegDataset):
         fi, fm = self.ds.images[i], self.ds.masks[i]
         return load_image(fi), load_mask(fm, len(VOC_CLASSES), colors=voc_colormap(len(VOC_CLASSES))), fi
 
-# %% ../nbs/00_data.ipynb #d559d15f
+# %% ../nbs/00_data.ipynb #cd8d156d
 def make_fake_voc(root, n:int=3, year:str='2012', size=(50, 40)):
     "Write a tiny Pascal VOC in the official `VOCdevkit/VOC{year}` layout under `root` (for tests); returns `root`."
     base = Path(root)/'VOCdevkit'/f'VOC{year}'
@@ -360,7 +360,7 @@ def make_fake_voc(root, n:int=3, year:str='2012', size=(50, 40)):
     for s in ('train', 'val', 'trainval'): (base/'ImageSets/Segmentation'/f'{s}.txt').write_text('\n'.join(names)+'\n')
     return Path(root)
 
-# %% ../nbs/00_data.ipynb #9d0d33a2
+# %% ../nbs/00_data.ipynb #2b6699ff
 COCO_TO_VOC = [0, 5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 63, 7, 72]  # COCO category id of each VOC class
 
 class COCODataset(SegDataset):
@@ -391,7 +391,7 @@ class COCODataset(SegDataset):
         m[count > 1] = IGNORE_INDEX
         return img, m, fi
 
-# %% ../nbs/00_data.ipynb #6bcc7f5c
+# %% ../nbs/00_data.ipynb #dac68eae
 def make_fake_coco(root, split:str='train', year:str='2017', size=(48, 32)):
     "Write a tiny COCO split (two images, polygons of a person, a dog and a non-VOC category) under `root`."
     root = Path(root); (root/f'{split}{year}').mkdir(parents=True, exist_ok=True); (root/'annotations').mkdir(exist_ok=True)
@@ -409,12 +409,12 @@ def make_fake_coco(root, split:str='train', year:str='2017', size=(48, 32)):
     (root/'annotations'/f'instances_{split}{year}.json').write_text(json.dumps(dict(images=imgs, annotations=anns, categories=cats)))
     return root
 
-# %% ../nbs/00_data.ipynb #3ebf0b95
+# %% ../nbs/00_data.ipynb #6a3c2475
 def darkfield_folder(root, tfms=None):
     "The Kaggle darkfield layout (`root/images`, `root/masks`, masks 0 background, 1 rbc, 2 spirochete)."
     return SegFolder(root, n_classes=3, classes=CLASSES, tfms=tfms)
 
-# %% ../nbs/00_data.ipynb #018e226e
+# %% ../nbs/00_data.ipynb #f2c01fca
 class MaskReport:
     "Summary of a set of mask files or arrays: values, modes, 0/255 use, ignore share, class histogram, suggested weights."
     def __init__(self, masks, n_classes:int|None=None, classes=None):
@@ -437,7 +437,7 @@ class MaskReport:
         freq = counts/max(counts.sum(), 1)
         self.weights = np.where(freq > 0, np.median(freq[freq > 0])/np.maximum(freq, 1e-12), 0.)
 
-# %% ../nbs/00_data.ipynb #60e1f48b
+# %% ../nbs/00_data.ipynb #e273d861
 def _mr_table(self):
     rows = [f"| {n} | {c:,} | {c/max(self.counts.sum(), 1):.2%} | {w:.2f} |" for n, c, w in zip(self.classes, self.counts, self.weights)]
     head = [f"**mask values**: {self.values[:20]}{' …' if len(self.values) > 20 else ''} · **modes**: {self.modes} · "
@@ -461,7 +461,7 @@ MaskReport._repr_markdown_ = _mr_table
 MaskReport.__str__ = _mr_table
 MaskReport.plot = _mr_plot
 
-# %% ../nbs/00_data.ipynb #b72e72c9
+# %% ../nbs/00_data.ipynb #7bb9a699
 def split_idx(n:int, valid_pct:float=0.2, seed:int=0):
     "Seeded random split of `range(n)` into (train, valid) index lists."
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -476,7 +476,7 @@ class Subset(Dataset):
         x, y = self.ds[self.idxs[i]]
         return self.tfms(x, y) if self.tfms is not None else (x, y)
 
-# %% ../nbs/00_data.ipynb #88001049
+# %% ../nbs/00_data.ipynb #dcafd0aa
 class DataLoaders:
     "A train and a valid `DataLoader` plus the class names."
     def __init__(self, train, valid, classes=None): self.train, self.valid, self.classes = train, valid, classes
@@ -493,7 +493,7 @@ def get_dls(train_ds, valid_ds, bs:int=8, workers:int=0, classes=None, pin_memor
                        DataLoader(valid_ds, bs, shuffle=False, **kw),
                        classes or getattr(train_ds, 'classes', None))
 
-# %% ../nbs/00_data.ipynb #b6218843
+# %% ../nbs/00_data.ipynb #d2bf0a06
 def cache_dir():
     "Where generated datasets are kept: `$SEGTUTOR_CACHE`, else `~/.cache/segtutor`."
     d = Path(os.environ.get('SEGTUTOR_CACHE', Path.home()/'.cache'/'segtutor')).expanduser()

@@ -76,7 +76,7 @@ def test_ddp_two_cpu_processes(tmp_path):
 
     run = tmp_path/'run'
     assert sorted(p.name for p in run.iterdir()) == ['best.pt', 'config.json', 'last.pt', 'loss.png', 'metrics.csv', 'miou.png']
-    from segtutor.learner import load_checkpoint
+    from segtutor.checkpoint import load_checkpoint
     ck = load_checkpoint(run/'last.pt')
     assert ck['epoch'] == EPOCHS and ck['config']['world_size'] == 2
     for k, v in ck['model'].items(): assert torch.equal(v, w0[k]), k

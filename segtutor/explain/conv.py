@@ -7,7 +7,7 @@ __all__ = ['conv_out_size', 'plot_conv', 'conv2d_loop', 'patches', 'im2col', 'co
            'ConvExplorer', 'conv_transpose_out_size', 'conv_transpose2d', 'rf_trace', 'receptive_field', 'grad_map',
            'grad_support']
 
-# %% ../../nbs/02_convolution.ipynb #c6eae772
+# %% ../../nbs/02_convolution.ipynb #db8242ab
 import numpy as np
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ import ipywidgets as widgets
 from IPython.display import display, clear_output
 from ..data import make_darkfield
 
-# %% ../../nbs/02_convolution.ipynb #7e01daf9
+# %% ../../nbs/02_convolution.ipynb #b074a2f7
 def conv_out_size(size:int,        # input height or width
                   kernel:int,      # kernel side
                   stride:int=1,    # step between neighbouring windows
@@ -26,7 +26,7 @@ def conv_out_size(size:int,        # input height or width
     "Output height or width of a convolution or pooling layer (PyTorch's formula, `ceil_mode=False`)."
     return (size + 2*padding - dilation*(kernel-1) - 1)//stride + 1
 
-# %% ../../nbs/02_convolution.ipynb #3effa2db
+# %% ../../nbs/02_convolution.ipynb #f60f88a9
 def plot_conv(img,            # (H,W) input picture
               out,            # (H',W') output picture
               kernel:int=3, stride:int=1, padding:int=0, dilation:int=1,
@@ -45,14 +45,14 @@ def plot_conv(img,            # (H,W) input picture
     for ax in axs: ax.set_xticks([]); ax.set_yticks([])
     plt.close(fig); return fig
 
-# %% ../../nbs/02_convolution.ipynb #b7d12855
+# %% ../../nbs/02_convolution.ipynb #08a76ef2
 def _pair(v): return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 def _out_hw(h, w, kernel, stride, padding, dilation):
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = map(_pair, (kernel, stride, padding, dilation))
     return conv_out_size(h, kh, sh, ph, dh), conv_out_size(w, kw, sw, pw, dw)
 
-# %% ../../nbs/02_convolution.ipynb #82e42508
+# %% ../../nbs/02_convolution.ipynb #044f42b0
 def conv2d_loop(x:torch.Tensor,  # (N,C,H,W) input
                 w:torch.Tensor,  # (C_out,C/groups,kh,kw) kernels
                 b=None,          # (C_out,) bias or None
@@ -71,7 +71,7 @@ def conv2d_loop(x:torch.Tensor,  # (N,C,H,W) input
     out = out.reshape(n, co, oh, ow)
     return out if b is None else out + b.reshape(1, -1, 1, 1)
 
-# %% ../../nbs/02_convolution.ipynb #9f6bc449
+# %% ../../nbs/02_convolution.ipynb #446e7778
 def patches(x:torch.Tensor,   # (N,C,H,W) input
             kernel, stride=1, padding=0, dilation=1,
             value:float=0.):  # what the padding is filled with (0 for convolution, -inf for max pooling)
@@ -83,12 +83,12 @@ def patches(x:torch.Tensor,   # (N,C,H,W) input
             for i in range(kh) for j in range(kw)]                 # kh*kw tensors of (N,C,H',W')
     return torch.stack(taps, 2)
 
-# %% ../../nbs/02_convolution.ipynb #59ad6097
+# %% ../../nbs/02_convolution.ipynb #eb7a835a
 def im2col(x:torch.Tensor, kernel, stride=1, padding=0, dilation=1):
     "The windows of `x` as columns, (N,C*kh*kw,H'*W'): the layout of `F.unfold`."
     return patches(x, kernel, stride, padding, dilation).flatten(1, 2).flatten(2)
 
-# %% ../../nbs/02_convolution.ipynb #21132a5d
+# %% ../../nbs/02_convolution.ipynb #b9c2c930
 def conv2d(x:torch.Tensor,  # (N,C,H,W) input
            w:torch.Tensor,  # (C_out,C/groups,kh,kw) kernels
            b=None,          # (C_out,) bias or None
@@ -100,7 +100,7 @@ def conv2d(x:torch.Tensor,  # (N,C,H,W) input
     out = (w.reshape(groups, co//groups, cg*kh*kw) @ cols).reshape(n, co, oh, ow)                # (N,G,C_out/G,L)
     return out if b is None else out + b.reshape(1, -1, 1, 1)
 
-# %% ../../nbs/02_convolution.ipynb #592de240
+# %% ../../nbs/02_convolution.ipynb #aecd21e7
 def demo_kernel(kind:str='edge', # 'edge' or 'blur'
                 k:int=3):         # kernel side
     "A k×k demo kernel (`edge`: left-to-right brightness change, `blur`: window average); (k,k) float tensor."
@@ -108,10 +108,10 @@ def demo_kernel(kind:str='edge', # 'edge' or 'blur'
     ramp = torch.linspace(-1, 1, k)
     return (ramp/ramp.abs().sum()/k).expand(k, k).clone()
 
-# %% ../../nbs/02_convolution.ipynb #b907e553
+# %% ../../nbs/02_convolution.ipynb #8f5f6b13
 def _gray(img): return torch.as_tensor(np.asarray(img), dtype=torch.float32).mean(-1)/255
 
-# %% ../../nbs/02_convolution.ipynb #84188292
+# %% ../../nbs/02_convolution.ipynb #a198049b
 def render_conv(img,              # (H,W,3) uint8 image or (H,W) float picture
                 kernel:int=3, stride:int=1, padding:int=0, dilation:int=1, kind:str='edge'):
     "Convolve a picture with a demo kernel using the given settings and draw input and output (a Figure)."
@@ -121,7 +121,7 @@ def render_conv(img,              # (H,W,3) uint8 image or (H,W) float picture
     out = conv2d(g[None, None], demo_kernel(kind, kernel)[None, None], None, stride, padding, dilation)[0, 0]
     return plot_conv(g, out, kernel, stride, padding, dilation)
 
-# %% ../../nbs/02_convolution.ipynb #1402771d
+# %% ../../nbs/02_convolution.ipynb #ed307c92
 class ConvExplorer:
     "Sliders for kernel, stride, padding and dilation over a darkfield image; shows the output and its size."
     def __init__(self, img=None,   # (H,W,3) uint8 image; a darkfield image when None
@@ -151,14 +151,14 @@ class ConvExplorer:
             except ValueError as e: self.fig = None; print(e)
             else: display(self.fig)
 
-# %% ../../nbs/02_convolution.ipynb #933e83d7
+# %% ../../nbs/02_convolution.ipynb #456aed7a
 def conv_transpose_out_size(size:int, kernel:int, stride:int=1, padding:int=0,
                             output_padding:int=0, # extra rows/columns at the bottom/right
                             dilation:int=1):
     "Output height or width of a transposed convolution (PyTorch's formula)."
     return (size - 1)*stride - 2*padding + dilation*(kernel - 1) + output_padding + 1
 
-# %% ../../nbs/02_convolution.ipynb #d4e98d61
+# %% ../../nbs/02_convolution.ipynb #91457271
 def conv_transpose2d(x:torch.Tensor,  # (N,C_in,H,W) input
                      w:torch.Tensor,  # (C_in,C_out/groups,kh,kw) kernels
                      b=None,          # (C_out,) bias or None
@@ -176,7 +176,7 @@ def conv_transpose2d(x:torch.Tensor,  # (N,C_in,H,W) input
     out = out[..., ph:fh-ph, pw:fw-pw].reshape(n, groups*og, fh - 2*ph, fw - 2*pw)
     return out if b is None else out + b.reshape(1, -1, 1, 1)
 
-# %% ../../nbs/02_convolution.ipynb #6e2399de
+# %% ../../nbs/02_convolution.ipynb #02bf38b6
 def _flat(m): return [l for c in m.children() for l in _flat(c)] if isinstance(m, nn.Sequential) else [m]
 
 def rf_trace(model:nn.Module, # an nn.Sequential (nesting allowed) of conv/pool and pointwise layers
@@ -192,12 +192,12 @@ def rf_trace(model:nn.Module, # an nn.Sequential (nesting allowed) of conv/pool 
         rows.append((type(l).__name__, rf, jump))
     return rows
 
-# %% ../../nbs/02_convolution.ipynb #95d152b5
+# %% ../../nbs/02_convolution.ipynb #7c248d9d
 def receptive_field(model:nn.Module, axis:int=0):
     "Side (in input pixels) of the input region one output pixel of `model` depends on."
     return rf_trace(model, axis)[-1][1]
 
-# %% ../../nbs/02_convolution.ipynb #7e795571
+# %% ../../nbs/02_convolution.ipynb #22d7f0af
 def grad_map(model:nn.Module, size:int=64, in_ch:int=None):
     "Gradient size of the centre output pixel w.r.t. each input pixel: a (size,size) map of what it depends on."
     in_ch = in_ch or next(m.in_channels for m in model.modules() if hasattr(m, 'in_channels'))
@@ -206,7 +206,7 @@ def grad_map(model:nn.Module, size:int=64, in_ch:int=None):
     out[0, :, out.shape[2]//2, out.shape[3]//2].sum().backward()
     return x.grad[0].abs().sum(0)
 
-# %% ../../nbs/02_convolution.ipynb #1adcaac3
+# %% ../../nbs/02_convolution.ipynb #9a1c0450
 def grad_support(model:nn.Module, size:int=64, in_ch:int=None):
     "Height and width of the input region with a nonzero gradient for the centre output pixel."
     rows, cols = grad_map(model, size, in_ch).nonzero().unbind(1)

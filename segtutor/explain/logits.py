@@ -5,30 +5,30 @@
 # %% auto #0
 __all__ = ['softmax', 'log_softmax', 'logits_to_mask', 'cross_entropy', 'HandBatchNorm2d', 'relu']
 
-# %% ../../nbs/04_softmax.ipynb #46103aa9
+# %% ../../nbs/04_softmax.ipynb #74f7a63f
 import torch
 import torch.nn as nn
 
-# %% ../../nbs/04_softmax.ipynb #d604a286
+# %% ../../nbs/04_softmax.ipynb #a7dc44f2
 def softmax(x:torch.Tensor, # logits, e.g. (N,C,H,W)
             dim:int=1):     # the class axis
     "Softmax along `dim`, computed without overflow by subtracting the maximum first."
     e = (x - x.amax(dim, keepdim=True)).exp()
     return e / e.sum(dim, keepdim=True)
 
-# %% ../../nbs/04_softmax.ipynb #f2d80aa7
+# %% ../../nbs/04_softmax.ipynb #a74efda0
 def log_softmax(x:torch.Tensor, # logits, e.g. (N,C,H,W)
                 dim:int=1):     # the class axis
     "log(softmax(x)) along `dim`, finite even where the probability underflows to zero."
     m = x.amax(dim, keepdim=True)
     return x - m - (x - m).exp().sum(dim, keepdim=True).log()
 
-# %% ../../nbs/04_softmax.ipynb #3bd5a6e1
+# %% ../../nbs/04_softmax.ipynb #e880756b
 def logits_to_mask(logits:torch.Tensor): # (N,C,H,W) logits or probabilities
     "Predicted class per pixel: (N,H,W) int64."
     return logits.argmax(1)
 
-# %% ../../nbs/04_softmax.ipynb #3e4c4cba
+# %% ../../nbs/04_softmax.ipynb #d247f6a5
 def cross_entropy(logits:torch.Tensor,  # (N,C,H,W) (or (N,C)) logits
                   target:torch.Tensor,  # (N,H,W) (or (N,)) int64 true classes
                   weight=None,          # (C,) class weights or None
@@ -43,7 +43,7 @@ def cross_entropy(logits:torch.Tensor,  # (N,C,H,W) (or (N,C)) logits
     if reduction == 'none': return loss
     return loss.sum() if reduction == 'sum' else loss.sum()/w.sum()
 
-# %% ../../nbs/04_softmax.ipynb #0ef52599
+# %% ../../nbs/04_softmax.ipynb #09964367
 class HandBatchNorm2d(nn.Module):
     "Batch norm by hand: the same parameters, buffers and train/eval behaviour as `nn.BatchNorm2d`."
     def __init__(self, nf:int, eps:float=1e-5, momentum:float=0.1):
@@ -65,7 +65,7 @@ class HandBatchNorm2d(nn.Module):
         xhat = (x - mean[:, None, None])/(var[:, None, None] + self.eps).sqrt()
         return xhat*self.weight[:, None, None] + self.bias[:, None, None]
 
-# %% ../../nbs/04_softmax.ipynb #616a3749
+# %% ../../nbs/04_softmax.ipynb #79597dde
 def relu(x:torch.Tensor): # any shape
     "max(x, 0), elementwise."
     return x.clamp_min(0.)

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['maxpool2d_with_indices', 'max_unpool2d', 'bilinear_kernel', 'size_trace', 'padded_size', 'plot_size_trace']
 
-# %% ../../nbs/03_pooling.ipynb #b1233b87
+# %% ../../nbs/03_pooling.ipynb #6217eec2
 import numpy as np
 import torch
 import torch.nn as nn
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import matplotlib.pyplot as plt
 from .conv import patches, conv_out_size, conv_transpose2d, _pair
 
-# %% ../../nbs/03_pooling.ipynb #be41c886
+# %% ../../nbs/03_pooling.ipynb #c7bb515a
 def maxpool2d_with_indices(x:torch.Tensor,  # (N,C,H,W) input
                            kernel,          # window side (int or (kh,kw))
                            stride=None,     # defaults to kernel
@@ -28,7 +28,7 @@ def maxpool2d_with_indices(x:torch.Tensor,  # (N,C,H,W) input
     cols = torch.arange(ow, device=x.device)*sw - pw + tap % kw*dw
     return out, rows*x.shape[-1] + cols
 
-# %% ../../nbs/03_pooling.ipynb #2db951fb
+# %% ../../nbs/03_pooling.ipynb #f846533a
 def max_unpool2d(x:torch.Tensor,        # (N,C,H,W) pooled values
                  indices:torch.Tensor,  # (N,C,H,W) flat indices from `maxpool2d_with_indices`
                  kernel, stride=None, padding=0,
@@ -44,7 +44,7 @@ def max_unpool2d(x:torch.Tensor,        # (N,C,H,W) pooled values
     out = x.new_zeros(n, c, oh*ow).scatter_(2, indices.flatten(2), x.flatten(2))
     return out.reshape(n, c, oh, ow)
 
-# %% ../../nbs/03_pooling.ipynb #22fcc37a
+# %% ../../nbs/03_pooling.ipynb #84b6a58f
 def bilinear_kernel(factor:int=2):
     "The (2f,2f) kernel that makes `conv_transpose2d(x, k, stride=f, padding=f//2)` a bilinear upsampling by `f`."
     k = 2*factor
@@ -52,7 +52,7 @@ def bilinear_kernel(factor:int=2):
     ramp = 1 - (torch.arange(k) - centre).abs()/factor
     return ramp[:, None]*ramp[None]
 
-# %% ../../nbs/03_pooling.ipynb #5aef3a23
+# %% ../../nbs/03_pooling.ipynb #3eadaed6
 def size_trace(h:int, w:int,   # input height and width
                depth:int=4):   # number of 2×2 poolings (stride 2)
     "Sizes on the way down (`depth` 2×2 poolings) and back up (doubling): two lists of `depth+1` (h,w) pairs."
@@ -62,13 +62,13 @@ def size_trace(h:int, w:int,   # input height and width
     for _ in range(depth): up.append((2*up[-1][0], 2*up[-1][1]))
     return down, up
 
-# %% ../../nbs/03_pooling.ipynb #567344aa
+# %% ../../nbs/03_pooling.ipynb #6a1b8f26
 def padded_size(h:int, w:int, depth:int=4):
     "Smallest (H,W) >= (h,w) with both sides divisible by 2**depth."
     m = 2**depth
     return -(-h//m)*m, -(-w//m)*m
 
-# %% ../../nbs/03_pooling.ipynb #ce14dad0
+# %% ../../nbs/03_pooling.ipynb #f4606d02
 def plot_size_trace(h:int, w:int, depth:int=4, ax=None):
     "Encoder sizes (left) and decoder sizes (right) level by level; mismatching levels in red. Returns the Figure."
     down, up = size_trace(h, w, depth)
