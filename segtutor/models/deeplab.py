@@ -6,18 +6,19 @@
 __all__ = ['dilate', 'count_macs', 'SeparableConv2d', 'aspp_branch', 'ASPPPooling', 'ASPP', 'DeepLabV3PlusDecoder',
            'DeepLabV3Plus']
 
-# %% ../../nbs/09_deeplab.ipynb #b2c35d2b
+# %% ../../nbs/09_deeplab.ipynb #2b59cb2a
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ..augment import pad_to_multiple, unpad
 from .resnet import ResNet, resnet34, load_resnet_weights
 
-# %% ../../nbs/09_deeplab.ipynb #89bc281a
+# %% ../../nbs/09_deeplab.ipynb #6191273d
 def dilate(model:ResNet, # a ResNet (lesson 08) with layer3 and layer4
            output_stride:int=16): # 32 (as built), 16 or 8
     "Replace the strides of the stages past `output_stride` by dilation (smp's way), in place; returns `model`."
-    if output_stride not in (8, 16, 32): raise ValueError(f"output_stride must be 8, 16 or 32, not {output_stride}")
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, not {output_stride}")
     for stage_stride, stage in ((16, model.layer3), (32, model.layer4)):
         if stage_stride <= output_stride: continue
         r = stage_stride // output_stride
@@ -28,13 +29,14 @@ def dilate(model:ResNet, # a ResNet (lesson 08) with layer3 and layer4
     model.output_stride = output_stride
     return model
 
-# %% ../../nbs/09_deeplab.ipynb #e8e8a0d5
+# %% ../../nbs/09_deeplab.ipynb #4a422e6b
 def count_macs(model:nn.Module, x:torch.Tensor): # x: (N,C,H,W) input
     "Multiply-adds per image of each `Conv2d` and `Linear` in `model` on `x`: a dict {module name: MACs}."
     macs, hooks = {}, []
     def hook(name):
         def f(m, inp, out):
-            per_out = m.in_channels//m.groups*m.kernel_size[0]*m.kernel_size[1] if isinstance(m, nn.Conv2d) else m.in_features
+            conv = isinstance(m, nn.Conv2d)
+            per_out = m.in_channels//m.groups*m.kernel_size[0]*m.kernel_size[1] if conv else m.in_features
             macs[name] = macs.get(name, 0) + out[0].numel()*per_out
         return f
     for n, m in model.named_modules():
@@ -45,15 +47,15 @@ def count_macs(model:nn.Module, x:torch.Tensor): # x: (N,C,H,W) input
         for h in hooks: h.remove()
     return macs
 
-# %% ../../nbs/09_deeplab.ipynb #062bf12d
+# %% ../../nbs/09_deeplab.ipynb #0d7d59c1
 class SeparableConv2d(nn.Sequential):
-    "Depthwise k×k convolution (one filter per channel, no bias) then a pointwise 1×1 one: (N,ni,H,W) -> (N,nf,H',W')."
+    "Depthwise k×k convolution (one filter per channel, no bias), then pointwise 1×1: (N,ni,H,W) -> (N,nf,H',W')."
     def __init__(self, ni:int, nf:int, kernel_size:int=3, stride:int=1, padding:int=0, dilation:int=1,
                  bias:bool=True): # bias of the pointwise convolution
         super().__init__(nn.Conv2d(ni, ni, kernel_size, stride, padding, dilation, groups=ni, bias=False),
                          nn.Conv2d(ni, nf, 1, bias=bias))
 
-# %% ../../nbs/09_deeplab.ipynb #9a691b6f
+# %% ../../nbs/09_deeplab.ipynb #76c45236
 def aspp_branch(ni:int, nf:int,
                 rate:int|None=None,     # dilation of a 3×3 branch; None: the 1×1 branch
                 separable:bool=False):  # depthwise-separable 3×3 convolution
@@ -64,15 +66,16 @@ def aspp_branch(ni:int, nf:int,
     return nn.Sequential(conv, nn.BatchNorm2d(nf), nn.ReLU())
 
 class ASPPPooling(nn.Sequential):
-    "Image pooling branch: global average, 1×1 conv, batch norm, ReLU, broadcast back: (N,ni,H,W) -> (N,nf,H,W)."
+    "Image pooling: global average, 1×1 conv, batch norm, ReLU, broadcast back: (N,ni,H,W) -> (N,nf,H,W)."
     def __init__(self, ni:int, nf:int):
-        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Conv2d(ni, nf, 1, bias=False), nn.BatchNorm2d(nf), nn.ReLU())
+        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Conv2d(ni, nf, 1, bias=False),
+                         nn.BatchNorm2d(nf), nn.ReLU())
     def forward(self, x):
         return F.interpolate(super().forward(x), size=x.shape[-2:], mode='bilinear', align_corners=False)
 
-# %% ../../nbs/09_deeplab.ipynb #a31597a9
+# %% ../../nbs/09_deeplab.ipynb #d9ac125b
 class ASPP(nn.Module):
-    "Atrous spatial pyramid pooling: 1×1, three atrous 3×3 and image-pooling branches, concatenated and projected."
+    "Atrous spatial pyramid pooling: 1×1, atrous 3×3 and image-pooling branches, concatenated, projected."
     def __init__(self, ni:int, nf:int=256,
                  rates:tuple=(12, 24, 36),  # dilations of the three 3×3 branches
                  separable:bool=False,      # depthwise-separable atrous branches
@@ -80,18 +83,18 @@ class ASPP(nn.Module):
         super().__init__()
         self.convs = nn.ModuleList([aspp_branch(ni, nf)] + [aspp_branch(ni, nf, r, separable) for r in rates]
                                    + [ASPPPooling(ni, nf)])
-        self.project = nn.Sequential(nn.Conv2d(len(self.convs)*nf, nf, 1, bias=False), nn.BatchNorm2d(nf), nn.ReLU(),
-                                     nn.Dropout(dropout))
+        self.project = nn.Sequential(nn.Conv2d(len(self.convs)*nf, nf, 1, bias=False), nn.BatchNorm2d(nf),
+                                     nn.ReLU(), nn.Dropout(dropout))
 
     def forward(self, x): # (N,ni,H,W) -> (N,nf,H,W)
         return self.project(torch.cat([conv(x) for conv in self.convs], 1))
 
-# %% ../../nbs/09_deeplab.ipynb #a817118f
+# %% ../../nbs/09_deeplab.ipynb #42d506f0
 class DeepLabV3PlusDecoder(nn.Module):
     "ASPP on the last map, upsampled to the 1/4 features (reduced to 48 channels), concatenated, fused."
     def __init__(self, encoder_channels:list, # channels of the encoder's maps at strides 2, 4, ...
                  out_channels:int=256, rates:tuple=(12, 24, 36),
-                 separable:bool=True,  # depthwise-separable atrous ASPP branches (the two fusing convs always are)
+                 separable:bool=True,  # separable atrous ASPP branches (the two fusing convs always are)
                  dropout:float=0.5, low_channels:int=48):
         super().__init__()
         self.aspp = nn.Sequential(ASPP(encoder_channels[-1], out_channels, rates, separable, dropout),
@@ -99,15 +102,15 @@ class DeepLabV3PlusDecoder(nn.Module):
                                   nn.BatchNorm2d(out_channels), nn.ReLU())
         self.block1 = nn.Sequential(nn.Conv2d(encoder_channels[1], low_channels, 1, bias=False),
                                     nn.BatchNorm2d(low_channels), nn.ReLU())
-        self.block2 = nn.Sequential(SeparableConv2d(low_channels + out_channels, out_channels, 3, padding=1, bias=False),
-                                    nn.BatchNorm2d(out_channels), nn.ReLU())
+        fuse = SeparableConv2d(low_channels + out_channels, out_channels, 3, padding=1, bias=False)
+        self.block2 = nn.Sequential(fuse, nn.BatchNorm2d(out_channels), nn.ReLU())
 
     def forward(self, features): # the encoder's maps, strides 2, 4, ..., output stride
         low = self.block1(features[1])
         aspp = F.interpolate(self.aspp(features[-1]), size=low.shape[-2:], mode='bilinear', align_corners=True)
         return self.block2(torch.cat([aspp, low], 1))  # (N,out_channels,H/4,W/4)
 
-# %% ../../nbs/09_deeplab.ipynb #e099312b
+# %% ../../nbs/09_deeplab.ipynb #c07d7722
 class DeepLabV3Plus(nn.Module):
     "DeepLabV3+ (smp's structure) on a dilated ResNet34: (N,in_channels,H,W) -> (N,n_classes,H,W), any H and W."
     def __init__(self, n_classes:int=2, in_channels:int=3,
@@ -119,14 +122,15 @@ class DeepLabV3Plus(nn.Module):
         super().__init__()
         if output_stride not in (8, 16): raise ValueError(f"output_stride must be 8 or 16, not {output_stride}")
         self.encoder = dilate(resnet34(num_classes=None, in_channels=in_channels), output_stride)
-        self.decoder = DeepLabV3PlusDecoder(self.encoder.out_channels, decoder_channels, atrous_rates, separable, dropout)
+        self.decoder = DeepLabV3PlusDecoder(self.encoder.out_channels, decoder_channels, atrous_rates,
+                                            separable, dropout)
         self.head = nn.Conv2d(decoder_channels, n_classes, 1)
         self.multiple = output_stride
 
     def forward(self, x): # (N,in_channels,H,W), any H and W
         x, pad = pad_to_multiple(x, self.multiple, 'reflect')
-        y = F.interpolate(self.head(self.decoder(self.encoder(x))), size=x.shape[-2:], mode='bilinear', align_corners=True)
-        return unpad(y, pad)
+        y = self.head(self.decoder(self.encoder(x)))             # (N,n_classes,H/4,W/4)
+        return unpad(F.interpolate(y, size=x.shape[-2:], mode='bilinear', align_corners=True), pad)
 
     def load_resnet34(self, src): # torchvision resnet34 (e.g. ImageNet weights) or its state dict
         "Start the encoder from torchvision ResNet34 weights (dilation does not change them); returns self."

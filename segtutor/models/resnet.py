@@ -6,14 +6,14 @@
 __all__ = ['conv3x3', 'conv1x1', 'BasicBlock', 'Bottleneck', 'make_stage', 'ResNet', 'resnet18', 'resnet34', 'resnet50',
            'load_resnet_weights', 'UNetDecoderBlock', 'ResNetUNet']
 
-# %% ../../nbs/08_resnet.ipynb #e9679958
+# %% ../../nbs/08_resnet.ipynb #d4609935
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ..augment import pad_to_multiple, unpad
 from .fcn import conv_block
 
-# %% ../../nbs/08_resnet.ipynb #2772ebf8
+# %% ../../nbs/08_resnet.ipynb #4c795c0d
 def conv3x3(ni:int, nf:int, stride:int=1):
     "3×3 convolution, padding 1, no bias: (N,ni,H,W) -> (N,nf,H/stride,W/stride)."
     return nn.Conv2d(ni, nf, 3, stride=stride, padding=1, bias=False)
@@ -22,7 +22,7 @@ def conv1x1(ni:int, nf:int, stride:int=1):
     "1×1 convolution, no bias: mixes channels, (N,ni,H,W) -> (N,nf,H/stride,W/stride)."
     return nn.Conv2d(ni, nf, 1, stride=stride, bias=False)
 
-# %% ../../nbs/08_resnet.ipynb #6e3b3a65
+# %% ../../nbs/08_resnet.ipynb #9292d08c
 class BasicBlock(nn.Module):
     "ResNet18/34 block: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), torchvision's names."
     expansion = 1  # output channels = nf * expansion
@@ -39,9 +39,9 @@ class BasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         return self.relu(self.bn2(self.conv2(out)) + identity)
 
-# %% ../../nbs/08_resnet.ipynb #f3d0668f
+# %% ../../nbs/08_resnet.ipynb #3edde0b5
 class Bottleneck(nn.Module):
-    "ResNet50+ block: 1×1 reduce, 3×3 (carries the stride), 1×1 expand to 4·nf, plus the shortcut; torchvision's names."
+    "ResNet50+ block: 1×1 reduce, 3×3 (strided), 1×1 expand to 4·nf, plus the shortcut; torchvision's names."
     expansion = 4
     def __init__(self, ni:int, nf:int, stride:int=1, downsample:nn.Module=None):
         super().__init__()
@@ -57,7 +57,7 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         return self.relu(self.bn3(self.conv3(out)) + identity)
 
-# %% ../../nbs/08_resnet.ipynb #972d4cc3
+# %% ../../nbs/08_resnet.ipynb #987f3b46
 def make_stage(block, # `BasicBlock` or `Bottleneck`
                ni:int, nf:int, n_blocks:int, stride:int=1):
     "A ResNet stage (torchvision's `layerK`): `n_blocks` blocks, the first one strided and projected if needed."
@@ -67,9 +67,9 @@ def make_stage(block, # `BasicBlock` or `Bottleneck`
     blocks = [block(ni, nf, stride, downsample)] + [block(nf*block.expansion, nf) for _ in range(n_blocks - 1)]
     return nn.Sequential(*blocks)
 
-# %% ../../nbs/08_resnet.ipynb #6db0b738
+# %% ../../nbs/08_resnet.ipynb #be39df83
 class ResNet(nn.Module):
-    "ResNet with torchvision's module names: (N,C,H,W) -> (N,num_classes) logits, or 5 feature maps without `fc`."
+    "ResNet, torchvision's names: (N,C,H,W) -> (N,num_classes) logits, or the 5 feature maps without `fc`."
     def __init__(self, block, # `BasicBlock` or `Bottleneck`
                  layers:list, # blocks per stage, e.g. [3, 4, 6, 3] for ResNet34
                  num_classes:int|None=1000, # None: no avgpool and fc; `forward` returns the feature maps
@@ -99,7 +99,7 @@ class ResNet(nn.Module):
         if not hasattr(self, 'fc'): return fs
         return self.fc(torch.flatten(self.avgpool(fs[-1]), 1))
 
-# %% ../../nbs/08_resnet.ipynb #98d04891
+# %% ../../nbs/08_resnet.ipynb #6205d451
 def resnet18(num_classes:int|None=1000, in_channels:int=3):
     "ResNet18 (basic blocks, 2-2-2-2) with torchvision's module names."
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_channels)
@@ -112,7 +112,7 @@ def resnet50(num_classes:int|None=1000, in_channels:int=3):
     "ResNet50 (bottlenecks, 3-4-6-3) with torchvision's module names."
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels)
 
-# %% ../../nbs/08_resnet.ipynb #fa9fcd76
+# %% ../../nbs/08_resnet.ipynb #214a8a59
 def load_resnet_weights(model:ResNet, # the network to fill (with or without `fc`, any `in_channels`)
                         src):         # a torchvision ResNet or its `state_dict()` (e.g. ImageNet weights)
     "Copy torchvision ResNet weights into `model` (strict: every tensor must fit); returns `model`."
@@ -124,11 +124,11 @@ def load_resnet_weights(model:ResNet, # the network to fill (with or without `fc
     missing, unexpected = set(model.state_dict()) - set(sd), set(sd) - set(model.state_dict())
     if missing or unexpected:
         raise ValueError(f"these weights do not fit this ResNet: missing {sorted(missing)[:4]}, "
-                         f"unexpected {sorted(unexpected)[:4]} (a torchvision resnet of the same depth is needed)")
+                         f"unexpected {sorted(unexpected)[:4]} (a torchvision resnet of this depth is needed)")
     model.load_state_dict(sd, strict=True)
     return model
 
-# %% ../../nbs/08_resnet.ipynb #7e85a1d4
+# %% ../../nbs/08_resnet.ipynb #cf5add06
 class UNetDecoderBlock(nn.Module):
     "Nearest ×2 upsampling, concatenation of the skip (if any), two conv blocks: (N,ni,H,W) -> (N,nf,2H,2W)."
     def __init__(self, ni:int, skip:int, nf:int): # input, skip and output channels
@@ -140,7 +140,7 @@ class UNetDecoderBlock(nn.Module):
         if skip is not None: x = torch.cat([x, skip], 1)
         return self.conv2(self.conv1(x))
 
-# %% ../../nbs/08_resnet.ipynb #45e1955c
+# %% ../../nbs/08_resnet.ipynb #230a5d44
 class ResNetUNet(nn.Module):
     "U-Net decoder (smp's) on a ResNet34 encoder: (N,in_channels,H,W) -> (N,n_classes,H,W), any H and W."
     def __init__(self, n_classes:int=2, in_channels:int=3,
