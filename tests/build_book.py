@@ -6,7 +6,7 @@ every picture embedded as a data URI (the book reads offline), links between les
 `nbs/X.ipynb`) rewritten to `X.html`, a previous/contents/next bar on every page, and `index.html` from
 nbs/index.ipynb followed by the lesson map grouped by part. Nothing is executed: run `make lessons` first.
 """
-import argparse, base64, html, mimetypes, re, sys, time
+import argparse, base64, html, logging, mimetypes, re, sys, time
 from pathlib import Path
 from urllib.parse import unquote
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -105,6 +105,7 @@ def _exporter():
     from nbconvert import HTMLExporter
     exp = HTMLExporter(template_name='lab', exclude_input_prompt=True, exclude_output_prompt=True)
     exp.register_preprocessor(NbdevDirectives(), enabled=True)
+    exp.log.setLevel(logging.ERROR)     # not one 'Alternative text is missing' line per lesson: plots have no alt text
     return exp
 
 def render_page(exp, path, title, top='', bottom='', extra=''):

@@ -57,7 +57,7 @@ def main(argv=None):
     for line in found: print(line)
     if found:
         stale = sorted({line.split(':')[0].split('/')[-1].removesuffix('.ipynb') for line in found})
-        sys.exit(f"check-outputs: {len(found)} problems in {len(stale)} of {len(paths)} lessons; "
+        sys.exit(f"check-outputs: {len(found)} problem{'s' * (len(found) != 1)} in {len(stale)} of {len(paths)} lessons; "
                  f"re-run them at full settings: make lessons ONLY=\"{' '.join(stale)}\"")
     print(f"check-outputs: the stored outputs of all {len(paths)} lessons are fresh and come from full-settings runs")
 

@@ -17,7 +17,7 @@ What is stored, and what `tests/check_outputs.py` verifies:
 The file is then cleaned exactly as `nbdev_clean` would (settings.ini keeps the `segtutor` keys), so `make sync`
 finds nothing to change. Run times go to data/lesson_times.json (merged with the lessons not run this time).
 """
-import argparse, datetime, hashlib, json, os, platform, re, sys, time
+import argparse, datetime, hashlib, json, os, platform, re, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +64,17 @@ def cells_hash(hashes): return _h(' '.join(hashes))
 
 # --- what is not stored -------------------------------------------------------------------------------------------
 _TQDM = re.compile(r'\d+%\|.*\||\|\s*\d+/\d+\s*\[|\d+(\.\d+)?(it/s|s/it)\]')
+_TQDM_STRICT = re.compile(r'\d+%\|[^|]*\|\s*\d+/\d+\s*\[|\b\d+it \[\d+:\d+')   # a whole bar: on stdout only these go
 _WARNING = re.compile(r'^\S.*:\d+: \w*Warning: |^\w*Warning: ')
+
+def strip_stdout(text):
+    "stdout text without tqdm bars (a bar printed to stdout, e.g. by a command run in a subprocess)."
+    if not _TQDM_STRICT.search(text): return text
+    keep = []
+    for line in re.split(r'(?<=\n)', text):
+        segs = [s for s in line.rstrip('\n').split('\r') if s.strip() and not _TQDM_STRICT.search(s)]
+        if segs: keep.append(segs[-1] + ('\n' if line.endswith('\n') else ''))
+    return ''.join(keep)
 
 def strip_stderr(text):
     "stderr text without tqdm bars and Python warnings (a warning line and the indented source line under it)."
@@ -78,18 +88,20 @@ def strip_stderr(text):
     return ''.join(keep)
 
 def clean_outputs(outputs):
-    "Outputs worth storing: drop widget views (tqdm and ipywidgets), tqdm text and warnings on stderr."
+    "Outputs worth storing: drop widget views (tqdm and ipywidgets), tqdm text, and warnings on stderr."
     res = []
     for o in outputs:
         if WIDGET_VIEW in o.get('data', {}): continue
-        if o.get('output_type') == 'stream' and o.get('name') == 'stderr':
-            o['text'] = strip_stderr(_src(o.get('text')))
+        if o.get('output_type') == 'stream':
+            o['text'] = (strip_stderr if o.get('name') == 'stderr' else strip_stdout)(_src(o.get('text')))
             if not o['text'].strip(): continue
         res.append(o)
     return res
 
 # --- running ------------------------------------------------------------------------------------------------------
 class LessonFailed(Exception): pass
+
+_ANSI = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')
 
 def _cell_desc(nb, i):
     c = nb['cells'][i]
@@ -127,15 +139,19 @@ def run_lesson(path, quick=False, timeout=DEFAULT_TIMEOUT, root=None):
                             timeout_func=lambda cell: max(1, int(deadline - time.time())),
                             store_widget_state=False, record_timing=False, skip_cells_with_tag='skip-execution',
                             on_cell_execute=lambda cell, cell_index: current.update(i=cell_index))
-    try: client.execute(env=kernel_env(quick))
+    log = tempfile.TemporaryFile('w+')                # the kernel's own stderr (its start-up chatter; why it died)
+    try: client.execute(env=kernel_env(quick), stderr=log)
     except CellExecutionError as e:
         raise LessonFailed(f"{path.name}: {_cell_desc(nb, current.get('i', 0))} failed: "
-                           f"{e.ename}: {e.evalue}\n{e}") from None
+                           f"{e.ename}: {' '.join(str(e.evalue).split())[:300]}\n{_ANSI.sub('', str(e))}") from None
     except (CellTimeoutError, TimeoutError):
         raise LessonFailed(f"{path.name}: still running after {timeout} s (the per-lesson timeout), "
                            f"at {_cell_desc(nb, current.get('i', 0))}") from None
     except DeadKernelError as e:
-        raise LessonFailed(f"{path.name}: the kernel died at {_cell_desc(nb, current.get('i', 0))}: {e}") from None
+        log.seek(0)
+        raise LessonFailed(f"{path.name}: the kernel died at {_cell_desc(nb, current.get('i', 0))}: {e}\n"
+                           f"{log.read()[-3000:]}") from None
+    finally: log.close()
     secs = time.time() - t0
     for i in skip:
         tags = [t for t in nb.cells[i].metadata.get('tags', []) if t != 'skip-execution']
@@ -207,7 +223,8 @@ def main(argv=None):
         except LessonFailed as e:
             print('FAILED', flush=True)
             if times and not quick: save_times(times, a.times or Path(a.nbs).resolve().parent/TIMES)
-            sys.exit(f"run_lessons: {e}\nrun_lessons: the outputs of {path.name} were not stored "
+            sys.exit(f"\nrun_lessons: {e}\nrun_lessons: FAILED: {str(e).splitlines()[0]}\n"
+                     f"run_lessons: the outputs of {path.name} were not stored "
                      f"(lessons done before it were)")
         print(f"{times[path.stem]:7.1f} s", flush=True)
     print(f"  {'total':<24} {sum(times.values()):7.1f} s ({time.time() - t0:.0f} s wall)")

@@ -151,6 +151,10 @@ def test_strip_stderr():
          "text bar:   0%|          | 0/3 [00:00<?, ?it/s]\rtext bar: 100%|##########| 3/3 [00:00<00:00, 9.1it/s]\n"
          "Warning: something\nreal error text\n")
     assert rl.strip_stderr(s) == "real error text\n"
+    table = "| class | IoU |\n|---|---|\n| rbc | 90% |\n"
+    assert rl.strip_stdout(table) == table and rl.strip_stderr(table) == table
+    bars = "epoch 1:  50%|#####     | 1/2 [00:01<00:01, 1.0it/s]\repoch 1: 100%|##########| 2/2 [00:02<00:00, 1.0it/s]\ndone\n"
+    assert rl.strip_stdout(bars) == "done\n" and rl.strip_stdout("7it [00:01, 5.1it/s]\nok\n") == "ok\n"
 
 def test_lessons_are_found_in_numeric_order(tmp_path):
     for n in ['10_b.ipynb', '02_a.ipynb', 'index.ipynb', '_private.ipynb', '05a_old.ipynb', 'notes.ipynb']:
