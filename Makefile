@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test sync nbtest pytest browser-deps readme export clean bench
+.PHONY: demo test sync check-outputs nbtest pytest browser-deps readme export clean bench lessons book
 
 $(STAMP): setup.py settings.ini
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,8 +17,22 @@ $(STAMP): setup.py settings.ini
 demo: $(STAMP)
 	$(BIN)/segtutor demo --out demo_out
 
-## The whole test suite: notebooks/library sync, every lesson under nbdev_test, then pytest tests/
-test: $(STAMP) browser-deps sync nbtest pytest
+## The whole test suite: notebooks/library sync, fresh stored outputs, every lesson under nbdev_test, then pytest tests/
+test: $(STAMP) browser-deps sync check-outputs nbtest pytest
+
+## Execute every lesson (or ONLY="05_fcn 07_unet") on a fresh kernel at full settings and store the outputs
+ONLY ?=
+LESSON_TIMEOUT ?= 900
+lessons: $(STAMP)
+	env -u IN_TEST PYTHONHASHSEED=0 $(BIN)/python tests/run_lessons.py --timeout $(LESSON_TIMEOUT) $(ONLY)
+
+# every lesson's stored outputs come from a full-settings run of its current source (reads JSON only: fast)
+check-outputs: $(STAMP)
+	$(BIN)/python tests/check_outputs.py
+
+## The course as a static HTML book with the stored outputs: _book/index.html
+book: $(STAMP)
+	$(BIN)/python tests/build_book.py --out _book
 
 # Debian's chromium drives the real-browser JupyterLab test (never `playwright install`)
 browser-deps:
@@ -51,4 +65,4 @@ bench: $(STAMP)
 	$(BIN)/segtutor bench
 
 clean:
-	rm -rf demo_out _proc _docs .pytest_cache
+	rm -rf demo_out _proc _docs _book .pytest_cache

@@ -1,4 +1,10 @@
-"""The lessons in a real JupyterLab, driven by Debian's Chromium through Playwright.
+"""What only a real browser can show, driven through Playwright in Debian's Chromium.
+
+- The two widget lessons run in a real JupyterLab and their viewers react to the mouse and keyboard: the augmentation
+  viewer (AUG_LESSON) and the prediction viewer (VIEWER_LESSON). Every lesson running top to bottom is proven
+  elsewhere (nbdev_test under IN_TEST, `make lessons` at full settings), so no other lesson runs here.
+- The book (`make book`, tests/build_book.py) is built into a temporary folder, served on 127.0.0.1 with every other
+  request refused (it must read offline): the index and two lessons reached from it show all their pictures.
 
 Run alone with `pytest -m browser tests/test_browser.py`. The test command (`make test`) installs chromium;
 playwright comes with `.[dev]`; nothing is downloaded here (never `playwright install`).
@@ -7,14 +13,26 @@ as under `nbdev_test`, the copy leaves out the cells flagged with settings.ini's
 training that takes minutes; run those with `nbdev_test --flags slow`).
 Screenshots of a failing run are kept in artifacts/browser/.
 """
-import json, os, re, shutil, signal, socket, subprocess, sys, time, urllib.request
+import functools, http.server, json, os, re, shutil, signal, socket, subprocess, sys, threading, time, urllib.request
 from pathlib import Path
 import pytest
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_lessons import lesson_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = '/usr/bin/chromium'
 ARTIFACTS = ROOT/'artifacts'/'browser'
 pytestmark = pytest.mark.browser
+
+def _lesson(name):
+    "The file name of the lesson called `name` after its number (`augment` -> `01_augment.ipynb`)."
+    found = [p.name for p in lesson_paths(ROOT/'nbs') if p.stem.split('_', 1)[1] == name]
+    assert len(found) == 1, f"expected one lesson nbs/NN_{name}.ipynb, found {found}"
+    return found[0]
+
+# The lessons whose widgets are driven here, by the name after the number (renumbering needs no change here)
+AUG_LESSON = 'augment'       # nbs/01_augment.ipynb: AugViewer (segtutor.augment)
+VIEWER_LESSON = 'viewers'    # nbs/22_viewers.ipynb: PredictionViewer (segtutor.viewers)
 
 def _need_browser():
     missing = []
@@ -80,7 +98,9 @@ def lab(tmp_path_factory):
         log.close()
 
 @pytest.fixture(scope='module')
-def browser(lab):
+def browser():
+    "Debian's Chromium, headless, through Playwright."
+    _need_browser()
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=[
@@ -191,9 +211,9 @@ def _slider_right(page, box_sel, label, presses=1):
 TIMES = {}
 
 def test_augmentation_viewer_reacts(browser, lab):
-    les = Lesson(browser, lab, '01_augment.ipynb')
+    les = Lesson(browser, lab, _lesson(AUG_LESSON))
     try:
-        TIMES['01_augment.ipynb'] = les.run_all()
+        TIMES[les.name] = les.run_all()
         assert not les.errors(), les.errors()
         img, cap = '.segtutor-aug-image', '.segtutor-aug-caption'
         les.page.locator(img).first.scroll_into_view_if_needed()
@@ -216,9 +236,9 @@ def test_augmentation_viewer_reacts(browser, lab):
         les.shot('final'); les.close()
 
 def test_prediction_viewer_reacts(browser, lab):
-    les = Lesson(browser, lab, '09a_viewers.ipynb')
+    les = Lesson(browser, lab, _lesson(VIEWER_LESSON))
     try:
-        TIMES['09a_viewers.ipynb'] = les.run_all()
+        TIMES[les.name] = les.run_all()
         assert not les.errors(), les.errors()
         img, cap = '.segtutor-pred-image', '.segtutor-pred-caption'
         les.page.locator(img).first.scroll_into_view_if_needed()
@@ -237,56 +257,92 @@ def test_prediction_viewer_reacts(browser, lab):
     finally:
         les.shot('final'); les.close()
 
-LESSONS = sorted(p.name for p in (ROOT/'nbs').glob('[0-9]*.ipynb') if p.name not in ('01_augment.ipynb', '09a_viewers.ipynb'))
-
-PARALLEL = 2   # lessons at a time; the kernels use one torch thread each (OMP_NUM_THREADS=1), as nbdev_test's two workers
-
-@pytest.fixture(scope='module')
-def lesson_runs(browser, lab):
-    "Run every lesson, PARALLEL at a time, each in its own page and kernel: name -> (seconds or None, errors)."
-    todo, running, res = list(LESSONS), [], {}
-    while todo or running:
-        while todo and len(running) < PARALLEL:
-            name, les = todo.pop(0), None
-            try: les = Lesson(browser, lab, name); les.start(); running.append(les)
-            except Exception as e:
-                res[name] = (None, [f"could not open and start: {type(e).__name__}: {e}"])
-                if les is not None: _close_quietly(les)
-        time.sleep(0.5)
-        for les in list(running):
-            try:
-                if les.finished(): res[les.name] = (time.time() - les.t0, les.errors())
-                elif time.time() - les.t0 > 300: les.shot('timeout'); res[les.name] = (None, ["still running after 300 s"])
-                else: continue
-                if res[les.name][1]: les.shot('error')
-            except Exception as e: res[les.name] = (None, [f"{type(e).__name__}: {e}"])
-            _close_quietly(les); running.remove(les)
-    return res
-
-def _close_quietly(les):
-    "Close a lesson's page and kernel; a failure here must not hide the other lessons' results."
-    try: les.close()
-    except Exception as e: print(f"{les.name}: could not close: {type(e).__name__}: {e}")
-
-@pytest.mark.parametrize('name', LESSONS)
-def test_lesson_runs_in_browser(lesson_runs, name):
-    "Every lesson runs top to bottom in JupyterLab (Run All Cells on a fresh kernel) with no error output."
-    secs, errs = lesson_runs[name]
-    if secs is not None: TIMES[name] = secs
-    assert not errs, errs
-
 def test_flagged_cells_are_dropped_from_the_copy(tmp_path):
     "The copy that the browser runs has no `#| slow` cell, like nbdev_test's run; everything else is kept."
-    src = ROOT/'nbs'/'08_lr_finder.ipynb'
-    n_slow = sum('#| slow' in ''.join(c['source']) for c in json.loads(src.read_text())['cells'])
-    assert n_slow >= 1 and 'slow' in _tst_flags()
-    shutil.copy(src, tmp_path/src.name); _drop_flagged_cells(tmp_path/src.name)
-    before, after = (json.loads(f.read_text())['cells'] for f in (src, tmp_path/src.name))
-    assert len(after) == len(before) - n_slow and not any('#| slow' in ''.join(c['source']) for c in after)
+    assert 'slow' in _tst_flags()
+    cell = lambda src, t='code': {'cell_type': t, 'metadata': {}, 'source': src, **({'outputs': [], 'execution_count': None} if t == 'code' else {})}
+    cells = [cell('# Title', 'markdown'), cell('x = 1'), cell('#| slow\ntrain_for_minutes()'), cell('#|slow\nmore()'),
+             cell('#| export\ny = 2'), cell('#| slow is only words here', 'markdown')]
+    fn = tmp_path/'00_x.ipynb'
+    fn.write_text(json.dumps({'cells': cells, 'metadata': {}, 'nbformat': 4, 'nbformat_minor': 5}))
+    _drop_flagged_cells(fn)
+    after = json.loads(fn.read_text())['cells']
+    assert [c['source'] for c in after] == ['# Title', 'x = 1', '#| export\ny = 2', '#| slow is only words here']
+
+@pytest.fixture(scope='module')
+def book(tmp_path_factory):
+    "The book as `make book` builds it (tests/build_book.py), in a temporary folder served on 127.0.0.1: (url, folder)."
+    _need_browser()
+    import build_book
+    out = tmp_path_factory.mktemp('book')
+    t0 = time.time(); build_book.build(out, quiet=True); TIMES['book: build'] = time.time() - t0
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *a): pass
+    srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(Quiet, directory=str(out)))
+    th = threading.Thread(target=srv.serve_forever, daemon=True); th.start()
+    try: yield f'http://127.0.0.1:{srv.server_address[1]}', out
+    finally: srv.shutdown(); srv.server_close(); th.join(10)
+
+def _pictures(page, name):
+    "Every picture on the page as (source, natural width); screenshot and fail when one did not load."
+    page.wait_for_load_state('load')
+    imgs = page.evaluate("[...document.images].map(i => [i.getAttribute('src').slice(0, 80), i.naturalWidth])")
+    broken = [src for src, w in imgs if not w]
+    if broken:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True); page.screenshot(path=str(ARTIFACTS/f'book-{name}-broken.png'))
+    assert not broken, f"{name}: {len(broken)} of {len(imgs)} pictures did not load: {broken[:5]}"
+    return imgs
+
+def _links_resolve(page, out, name):
+    "Every relative link on the page leads to a page of the book."
+    hrefs = page.evaluate("[...document.links].map(a => a.getAttribute('href'))")
+    local = {h.split('#')[0] for h in hrefs if h and not re.match(r'^([a-z][\w+.-]*:|//|#)', h, re.I)}
+    missing = sorted(h for h in local if not (out/h).is_file())
+    assert not missing, f"{name}: links to pages the book does not have: {missing}"
+    return local
+
+def _lesson_page(page, out):
+    "Check the lesson page shown: a title, at least one picture and all of them loaded, links that resolve, the nav."
+    name = page.url.rsplit('/', 1)[1]
+    assert page.locator('h1').first.inner_text().strip(), f"{name}: no title"
+    assert len(_pictures(page, name)) >= 1, f"{name}: no picture on the page"
+    _links_resolve(page, out, name)
+    assert page.locator('nav.segtutor-nav a[href="index.html#contents"]').count() == 2, f"{name}: no way back to the contents"
+    return name
+
+def test_book_pictures_and_links(browser, book):
+    "The index and two lessons reached from it by its links show every picture, offline; the links between pages work."
+    url, out = book
+    refused = []
+    page = browser.new_page(viewport={'width': 1200, 'height': 900})
+    page.set_default_timeout(30_000)
+    def offline(route):   # the book reads offline: anything not served by the book's server is refused
+        if route.request.url.startswith(url): route.continue_()
+        else: refused.append(route.request.url); route.abort()
+    page.route('**/*', offline)
+    t0 = time.time()
+    try:
+        page.goto(f'{url}/index.html')
+        assert page.locator('#contents').count() == 1, "the index has no lesson map"
+        _pictures(page, 'index')
+        lessons = sorted(_links_resolve(page, out, 'index') - {'index.html'})
+        assert len(lessons) >= 2 and all(re.fullmatch(r'\d\d[a-z]?_[\w-]+\.html', h) for h in lessons), lessons
+        first = page.locator('#contents a').first
+        href = first.get_attribute('href')
+        with page.expect_navigation(): first.click()
+        assert page.url == f'{url}/{href}', (page.url, href)
+        seen = [_lesson_page(page, out)]
+        with page.expect_navigation(): page.locator('nav.segtutor-nav.top a[rel=next]').click()
+        seen.append(_lesson_page(page, out))
+        assert seen == lessons[:2], (seen, lessons[:2])
+        assert not [u for u in refused if re.search(r'\.(png|jpe?g|gif|svg|webp)\b', u)], refused
+        TIMES['book: index, ' + ', '.join(seen)] = time.time() - t0
+    finally:
+        page.close()
 
 def test_report_browser_times():
-    "Writes the per-lesson browser run times measured above (artifacts/browser/times.json; two lessons at a time, one thread each)."
-    if not TIMES: pytest.skip('no lesson ran in the browser')
+    "Writes the browser run times measured above to artifacts/browser/times.json (each lesson alone, one torch thread)."
+    if not TIMES: pytest.skip('nothing ran in the browser')
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS/'times.json').write_text(json.dumps({k: round(v, 1) for k, v in sorted(TIMES.items())}, indent=1))
     assert all(v > 0 for v in TIMES.values())
