@@ -7,7 +7,7 @@ __all__ = ['NORMS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'FILL', 'AUG_CONTROLS', 'To
            'norm_tfm', 'train_tfms', 'valid_tfms', 'pad_to_multiple', 'unpad', 'darkfield_dls', 'folder_dls',
            'aug_grid', 'active_augs', 'aug_caption', 'save_aug_grid', 'AugViewer']
 
-# %% ../nbs/01_augment.ipynb #638ce902
+# %% ../nbs/01_augment.ipynb #ff8bab13
 import inspect, io
 from pathlib import Path
 import numpy as np
@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 from .data import (IGNORE_INDEX, DarkfieldDataset, SegFolder, get_dls, split_idx, Subset,
                            overlay, to_tv)
 
-# %% ../nbs/01_augment.ipynb #ce2338ff
+# %% ../nbs/01_augment.ipynb #2be987e9
 class ToImageMask(v2.Transform):
     "Wrap an (image, mask) pair as (`tv_tensors.Image` (3,H,W), `tv_tensors.Mask` (H,W) int64) so v2 knows which is which."
     def forward(self, img, mask):
@@ -28,11 +28,11 @@ class ToImageMask(v2.Transform):
         if not isinstance(mask, tv_tensors.Mask): mask = tv_tensors.Mask(mask)
         return img, mask
 
-# %% ../nbs/01_augment.ipynb #db933fe3
+# %% ../nbs/01_augment.ipynb #69f9e3c5
 NORMS = ('per_image', 'imagenet', 'none')
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-# %% ../nbs/01_augment.ipynb #4cb40dac
+# %% ../nbs/01_augment.ipynb #171801ae
 def normalize(x, # (3,H,W) or (N,3,H,W) image(s), uint8 0..255 or float 0..1
               norm:str='per_image', # 'per_image' | 'imagenet' | 'none'
               eps:float=1e-6):
@@ -48,14 +48,14 @@ def normalize(x, # (3,H,W) or (N,3,H,W) image(s), uint8 0..255 or float 0..1
         return (x - m)/s
     raise ValueError(f"norm must be one of {NORMS}, not {norm!r}")
 
-# %% ../nbs/01_augment.ipynb #dc55f7a8
+# %% ../nbs/01_augment.ipynb #efd4fd9d
 class PerImageStandardize(v2.Transform):
     "Standardise each float image by its own mean and std; masks pass through."
     _transformed_types = (tv_tensors.Image,)
     def __init__(self, eps:float=1e-6): super().__init__(); self.eps = eps
     def transform(self, inpt, params): return tv_tensors.wrap(normalize(inpt, 'per_image', self.eps), like=inpt)
 
-# %% ../nbs/01_augment.ipynb #7eb29a49
+# %% ../nbs/01_augment.ipynb #7f3d8ab5
 def norm_tfm(norm:str='per_image'):
     "The v2 transform for a `norm` string (expects float images in [0, 1])."
     if norm == 'per_image': return PerImageStandardize()
@@ -63,7 +63,7 @@ def norm_tfm(norm:str='per_image'):
     if norm == 'none': return v2.Identity()
     raise ValueError(f"norm must be one of {NORMS}, not {norm!r}")
 
-# %% ../nbs/01_augment.ipynb #70b938d0
+# %% ../nbs/01_augment.ipynb #56fca417
 FILL = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}  # padding value per type: black image, ignored mask
 
 def _p(f): return 0.5 if f is True else float(f)  # flip argument -> probability (True means 0.5)
@@ -73,7 +73,7 @@ def _finish(norm):
     return [v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, 'others': None}, scale=True),
             norm_tfm(norm), v2.ToPureTensor()]
 
-# %% ../nbs/01_augment.ipynb #db37c9a2
+# %% ../nbs/01_augment.ipynb #106f27c9
 def train_tfms(size:int=128,  # side of the square crop
                scale=(0.5, 2.0), # (min, max) zoom of the shorter side relative to `size`; None/False: plain resize
                flip=True,    # left-right flip: True (p=0.5), a probability, or False
@@ -94,13 +94,13 @@ def train_tfms(size:int=128,  # side of the square crop
     if blur: t.append(v2.GaussianBlur(2*int(np.ceil(3*blur))+1, sigma=(0.1, blur)))
     return v2.Compose(t + _finish(norm))
 
-# %% ../nbs/01_augment.ipynb #dc03f348
+# %% ../nbs/01_augment.ipynb #9ca905cc
 def valid_tfms(size:int|None=None, # side to resize to; None keeps the size
                norm:str='per_image'): # 'per_image' | 'imagenet' | 'none'
     "Deterministic pipeline: (image, mask) -> (float32 (3,H,W) normalised, int64 (H,W) mask)."
     return v2.Compose([ToImageMask()] + ([v2.Resize((size, size))] if size else []) + _finish(norm))
 
-# %% ../nbs/01_augment.ipynb #7aa13697
+# %% ../nbs/01_augment.ipynb #fd429354
 def _reflect(x, pad):
     "Reflect-pad the last two dims of `x` by `pad`, in several passes when a pad exceeds the size (like `np.pad`)."
     while any(pad):
@@ -110,7 +110,7 @@ def _reflect(x, pad):
         x, pad = F.pad(x, step, mode='reflect'), tuple(p-s for p, s in zip(pad, step))
     return x
 
-# %% ../nbs/01_augment.ipynb #0a634c36
+# %% ../nbs/01_augment.ipynb #db9935a0
 def pad_to_multiple(x:torch.Tensor, # (...,H,W) image(s), logits or mask(s)
                     m:int=32,       # make H and W multiples of `m`
                     mode:str='constant', # 'constant' | 'reflect' | 'replicate'
@@ -125,14 +125,14 @@ def pad_to_multiple(x:torch.Tensor, # (...,H,W) image(s), logits or mask(s)
     y = _reflect(y, pad) if mode == 'reflect' else F.pad(y, pad, mode=mode)
     return y.reshape(*x.shape[:-2], *y.shape[-2:]), pad
 
-# %% ../nbs/01_augment.ipynb #89f94789
+# %% ../nbs/01_augment.ipynb #b8f8e691
 def unpad(y:torch.Tensor, # (...,H',W') padded tensor (or a model output of the padded size)
           pad):           # (left, right, top, bottom) from `pad_to_multiple`
     "Crop `pad` off the last two dims: the exact inverse of `pad_to_multiple`."
     l, r, t, b = pad
     return y[..., t:y.shape[-2]-b, l:y.shape[-1]-r]
 
-# %% ../nbs/01_augment.ipynb #4ba014f8
+# %% ../nbs/01_augment.ipynb #b933dfff
 def darkfield_dls(n_train:int=400, n_valid:int=64, size:int=128, bs:int=16, seed:int=0, binary:bool=False,
                   workers:int=0,    # DataLoader worker processes (persistent when > 0)
                   aug:bool=True,    # random training augmentation (False: the validation pipeline)
@@ -144,7 +144,7 @@ def darkfield_dls(n_train:int=400, n_valid:int=64, size:int=128, bs:int=16, seed
     valid = DarkfieldDataset(n_valid, size, seed=seed+100_000, binary=binary, tfms=valid_tfms(norm=norm))
     return get_dls(train, valid, bs, workers, train.classes, pin_memory, seed)
 
-# %% ../nbs/01_augment.ipynb #47f5e9f6
+# %% ../nbs/01_augment.ipynb #d535eb07
 def folder_dls(root, valid_pct:float=0.2, size:int=128, bs:int=8,
                n_classes:int|None=None, # declared classes (mask values >= n_classes, except 255, are an error)
                mask_suffix:str='', seed:int=0, workers:int=0, aug:bool=True, norm:str='per_image',
@@ -156,14 +156,14 @@ def folder_dls(root, valid_pct:float=0.2, size:int=128, bs:int=8,
     tt = train_tfms(size, norm=norm, **tfm_kw) if aug else valid_tfms(size, norm=norm)
     return get_dls(Subset(ds, tr, tt), Subset(ds, va, valid_tfms(size, norm)), bs, workers, ds.classes, pin_memory, seed)
 
-# %% ../nbs/01_augment.ipynb #dff9a195
+# %% ../nbs/01_augment.ipynb #0133326a
 def _show(x:torch.Tensor): # (3,H,W) pipeline output
     "An (H,W,3) uint8 picture of a pipeline's image: [0,1] floats scaled by 255, other floats stretched min..max."
     x = x.detach().float().cpu()
     if x.min() < 0 or x.max() > 1: x = (x - x.min())/(x.max() - x.min() + 1e-12)
     return (x.clamp(0, 1)*255).round().byte().permute(1, 2, 0).numpy()
 
-# %% ../nbs/01_augment.ipynb #2e560d8e
+# %% ../nbs/01_augment.ipynb #6bf54355
 def _tile(pics, gap:int=2, fill:int=255):
     "Paste a list of rows of (H,W,3) uint8 pictures into one grid with `gap` white pixels between them."
     h, w = max(p.shape[0] for r in pics for p in r), max(p.shape[1] for r in pics for p in r)
@@ -172,7 +172,7 @@ def _tile(pics, gap:int=2, fill:int=255):
         for j, p in enumerate(r): out[i*(h+gap):i*(h+gap)+p.shape[0], j*(w+gap):j*(w+gap)+p.shape[1]] = p
     return out
 
-# %% ../nbs/01_augment.ipynb #3d61be81
+# %% ../nbs/01_augment.ipynb #831b2b92
 def aug_grid(ds,            # dataset returning raw (image, mask) pairs (no tfms of its own)
              idx:int,       # which sample
              tfms,          # joint pipeline, e.g. `train_tfms(norm='none')`
@@ -187,12 +187,12 @@ def aug_grid(ds,            # dataset returning raw (image, mask) pairs (no tfms
     pics = [_show(x) for x, _ in outs]
     return _tile([pics, [overlay(p, np.asarray(y), alpha) for p, (_, y) in zip(pics, outs)]], gap)
 
-# %% ../nbs/01_augment.ipynb #c8e7d37c
+# %% ../nbs/01_augment.ipynb #52bf8fde
 def _tfm_defaults():
     "The default keyword arguments of `train_tfms`."
     return {k: p.default for k, p in inspect.signature(train_tfms).parameters.items()}
 
-# %% ../nbs/01_augment.ipynb #569495d3
+# %% ../nbs/01_augment.ipynb #7ddfee9f
 def active_augs(**tfm_kw):
     "Short descriptions of the augmentations `train_tfms(**tfm_kw)` switches on."
     k, out = {**_tfm_defaults(), **tfm_kw}, []
@@ -204,19 +204,19 @@ def active_augs(**tfm_kw):
     if k['blur']: out.append(f"blur σ≤{k['blur']:.2f}")
     return out
 
-# %% ../nbs/01_augment.ipynb #0bcfaca4
+# %% ../nbs/01_augment.ipynb #c31c89a8
 def aug_caption(idx:int, seed:int=0, **tfm_kw):
     "One line under an augmentation grid: sample index, seed and the active augmentations."
     return f"sample {idx} · seed {seed} · " + (', '.join(active_augs(**tfm_kw)) or 'no augmentation')
 
-# %% ../nbs/01_augment.ipynb #55a14a57
+# %% ../nbs/01_augment.ipynb #f63aa4d4
 def _png(a:np.ndarray, enlarge:int=1):
     "PNG bytes of an (H,W,3) uint8 array, enlarged `enlarge` times with nearest neighbour."
     im, b = Image.fromarray(a), io.BytesIO()
     if enlarge != 1: im = im.resize((a.shape[1]*enlarge, a.shape[0]*enlarge), Image.NEAREST)
     im.save(b, format='PNG'); return b.getvalue()
 
-# %% ../nbs/01_augment.ipynb #7dcb7aef
+# %% ../nbs/01_augment.ipynb #688b710c
 def save_aug_grid(path,        # where the PNG goes
                   ds=None,     # raw dataset (default: 8 synthetic darkfield slides)
                   n:int=8, seed:int=0, idx:int=0, enlarge:int=1, # pixel enlargement of the PNG
@@ -227,7 +227,7 @@ def save_aug_grid(path,        # where the PNG goes
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True); path.write_bytes(_png(g, enlarge))
     return path
 
-# %% ../nbs/01_augment.ipynb #743e2931
+# %% ../nbs/01_augment.ipynb #e2ec5605
 AUG_CONTROLS = {  # train_tfms argument: (checkbox label, slider label, min, max, step, default strength)
     'scale': ('scale-crop', 'max zoom', 1.0, 4.0, 0.1, 2.0),
     'flip': ('h-flip', 'h-flip p', 0.05, 1.0, 0.05, 0.5),
@@ -236,13 +236,13 @@ AUG_CONTROLS = {  # train_tfms argument: (checkbox label, slider label, min, max
     'jitter': ('colour jitter', 'jitter', 0.05, 1.0, 0.05, 0.2),
     'blur': ('blur', 'max sigma', 0.1, 3.0, 0.1, 1.0)}
 
-# %% ../nbs/01_augment.ipynb #ad825070
+# %% ../nbs/01_augment.ipynb #ad7c5bd4
 def _strength(k, v):
     "Slider value for `train_tfms` argument `k` set to `v` (the default strength when `v` is off or True)."
     if not v or v is True: return AUG_CONTROLS[k][-1]
     return max(v) if k == 'scale' else v
 
-# %% ../nbs/01_augment.ipynb #efc45133
+# %% ../nbs/01_augment.ipynb #14c90ad1
 class AugViewer:
     "Browse augmentations: a sample slider, a checkbox and strength slider per augmentation, a seed and a re-draw button."
     def __init__(self, ds=None, n:int=6, size:int=128, seed:int=0, enlarge:int=1, **tfm_kw):
@@ -263,13 +263,13 @@ class AugViewer:
                               self.image, self.caption])
         self.redraw()
 
-# %% ../nbs/01_augment.ipynb #288f0bc2
+# %% ../nbs/01_augment.ipynb #2bf58290
 def _av_tfm_kw(self):
     "The `train_tfms` keyword arguments the controls currently describe (switched-off augmentations are 0/None)."
     v = {k: s.value if c.value else 0 for k, (c, s) in self.controls.items()}
     return dict(v, scale=(1/v['scale'], v['scale']) if v['scale'] else None)
 
-# %% ../nbs/01_augment.ipynb #e5cad074
+# %% ../nbs/01_augment.ipynb #09fcbca4
 def _av_redraw(self, change=None):
     "Re-render the grid and the caption from the current control values."
     kw = self.tfm_kw()
@@ -278,7 +278,7 @@ def _av_redraw(self, change=None):
     self.image.value = _png(g, self.enlarge)
     self.caption.value = aug_caption(self.sample.value, self.seed.value, **kw)
 
-# %% ../nbs/01_augment.ipynb #51ca0a02
+# %% ../nbs/01_augment.ipynb #e6832eed
 def _av_next_seed(self, button=None):
     "New random draws: move the seed by one (which redraws)."
     self.seed.value += 1
