@@ -210,7 +210,7 @@ def test_tensorboard_missing_is_one_line(tmp_path):
     "Without the optional tensorboard package, --tensorboard says what to install before any work starts."
     argv = [str(x) for x in tiny(tmp_path/'r', '--tensorboard')]
     code = f"import sys; sys.modules['tensorboard'] = None; from segtutor.cli import main; sys.exit(main({argv!r}))"
-    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300, cwd=tmp_path)  # not the repo root on sys.path
     fails(r, '--tensorboard', "segtutor[tensorboard]")
     assert not (tmp_path/'r').exists()
 
