@@ -224,9 +224,10 @@ def _palette(kind:str, # the data spec's kind: 'synthetic', 'folder', 'voc', 'co
              n:int):   # number of classes
     "One RGB colour per class: VOC's for VOC and COCO, the darkfield colours first otherwise, then distinct hues."
     import colorsys
-    from segtutor.data import PALETTE, voc_colormap
-    if kind in ('voc', 'coco'): return [[int(v) for v in c] for c in voc_colormap(n)]
-    pal = [list(c) for c in PALETTE[:n]]
+    from segtutor import data
+    if kind in ('voc', 'coco'): return [[int(v) for v in c] for c in data.voc_colormap(n)]
+    if hasattr(data, 'make_palette'): return [[int(v) for v in c] for c in data.make_palette(n)]   # the library's rule
+    pal = [list(c) for c in data.PALETTE[:n]]
     for i in range(len(pal), n):   # golden-ratio hues, alternating brightness and saturation
         r, g, b = colorsys.hsv_to_rgb((0.13 + i*0.618034) % 1, 0.95 - 0.3*(i % 2), 1.0 - 0.3*((i // 2) % 2))
         pal.append([round(r*255), round(g*255), round(b*255)])
