@@ -7,7 +7,7 @@ __all__ = ['SCHEDULERS', 'LOSSES', 'parse_data_spec', 'load_data', 'CLIError', '
            'cmd_lr_find', 'cmd_evaluate', 'cmd_predict', 'cmd_demo', 'main']
 
 # %% ../nbs/25_cli.ipynb #69078ddf
-import argparse, base64, html, json, math, os, sys, time, traceback
+import argparse, base64, html, json, math, os, re, sys, time, traceback
 from pathlib import Path
 from PIL import Image   # torch is imported inside the commands that need it, so `segtutor --help` answers at once
 
@@ -63,6 +63,9 @@ def _expected_errors():
     try:
         from segtutor.models.zoo import WeightsUnavailable; errs.append(WeightsUnavailable)
     except ImportError: pass
+    try:
+        from segtutor.learner import TrainingDiverged; errs.append(TrainingDiverged)
+    except ImportError: pass
     return tuple(errs)
 
 def _run(fn, args):
@@ -72,11 +75,25 @@ def _run(fn, args):
         print(f"segtutor {args.cmd}: interrupted", file=sys.stderr); return 130
     except Exception as e:
         if os.environ.get('SEGTUTOR_DEBUG'): raise
-        known = isinstance(e, _expected_errors()) or (isinstance(e, ValueError) and getattr(e, '_segtutor', False))
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if not known: msg = f"{type(e).__name__}: {msg} (set SEGTUTOR_DEBUG=1 for the traceback)"
+        expected, text = _expected_errors(), str(e).strip()
+        name, msg = _worker_error(text) or (type(e).__name__, text.splitlines()[0] if text else type(e).__name__)
+        known = (isinstance(e, expected) or name in {t.__name__ for t in expected}
+                 or (isinstance(e, ValueError) and getattr(e, '_segtutor', False)))
+        if not known: msg = f"{name}: {msg} (set SEGTUTOR_DEBUG=1 for the traceback)"
         print(f"segtutor {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
+
+# %% ../nbs/25_cli.ipynb #a6dd2267
+def _worker_error(msg:str): # the text of an exception re-raised by a DataLoader (or pin-memory thread)
+    "(exception name, first line of the original message) of an error re-raised from a worker, else None."
+    first, _, rest = msg.strip().partition('\n')
+    m = re.match(r'Caught (\w+) in .+\.$', first.strip())
+    if m is None or 'Traceback' not in rest: return None
+    name, lines = m.group(1), rest.splitlines()
+    for line in reversed(lines):   # the traceback ends with `module.Name: message`, maybe over several lines
+        hit = re.match(rf'(?:[\w.]+\.)?{name}(?:: (.*))?$', line)
+        if hit: return name, (hit.group(1) or '').strip() or name
+    return name, next((l.strip() for l in reversed(lines) if l.strip()), name)
 
 # %% ../nbs/25_cli.ipynb #b9232666
 def _out_dir(path, what='output folder'):
@@ -116,7 +133,7 @@ def _add_data_args(p, train=True):
 def _add_model_args(p):
     p.add_argument('--model', default='unet:16:3', help="fcn, segnet, unet, unet:BASE:DEPTH or smp:ARCH:ENCODER (default unet:16:3)")
     p.add_argument('--weights', default='none', choices=['imagenet', 'none'], help="encoder weights for smp models (default none)")
-    p.add_argument('--norm', default=None, choices=['per_image', 'imagenet', 'none'], help="input normalisation (default: imagenet for pretrained encoders, else per_image)")
+    p.add_argument('--norm', default=None, choices=['per_image', 'imagenet', 'none'], help="input normalisation (default: the model's, imagenet for pretrained weights, else per_image)")
     for part in ('encoder', 'decoder', 'head'):
         p.add_argument(f'--freeze-{part}', action='store_true', help=f"do not train the {part}")
 
@@ -140,11 +157,13 @@ def build_parser():
     p.add_argument('--out', required=True, help="run folder: best.pt, last.pt, config.json, metrics.csv, curves")
     p.add_argument('--epochs', type=int, default=6); p.add_argument('--lr', default='auto', help="learning rate or 'auto' (LR finder)")
     p.add_argument('--wd', type=float, default=1e-4, help="weight decay (default 1e-4)")
+    p.add_argument('--grad-clip', type=float, default=None, help="clip the gradient norm to this (e.g. 1.0; default off)")
     p.add_argument('--scheduler', default='onecycle', choices=SCHEDULERS); p.add_argument('--loss', default='ce', choices=LOSSES)
-    p.add_argument('--amp', action='store_true', help="mixed precision (CUDA)"); p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None, help="mixed precision (default: on for CUDA; --no-amp turns it off)")
+    p.add_argument('--channels-last', action='store_true')
     p.add_argument('--patience', type=int, default=None, help="early stopping patience in epochs")
     p.add_argument('--resume', action='store_true', help="continue a killed run from RUN_DIR/last.pt up to its planned epochs")
-    p.add_argument('--tensorboard', action='store_true', help="also log to RUN_DIR/tb")
+    p.add_argument('--tensorboard', action='store_true', help="also log to RUN_DIR/tensorboard (needs the tensorboard package)")
     p = sub.add_parser('lr-find', help="learning-rate range test"); _add_data_args(p); _add_model_args(p)
     p.add_argument('--out', default='.', help="folder for lr_find.png"); p.add_argument('--loss', default='ce', choices=LOSSES)
     p.add_argument('--num-it', type=int, default=100); p.add_argument('--start-lr', type=float, default=1e-7); p.add_argument('--end-lr', type=float, default=10)
@@ -157,7 +176,7 @@ def build_parser():
     p = sub.add_parser('predict', help="predict masks for an image or a folder")
     p.add_argument('--ckpt', required=True); p.add_argument('--input', required=True); p.add_argument('--out', required=True)
     p.add_argument('--batch-size', type=int, default=8); p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'])
-    p.add_argument('--threshold', type=float, default=None); p.add_argument('--tile', type=int, default=None, help="tile side for large images")
+    p.add_argument('--threshold', type=float, default=None); p.add_argument('--tile', type=int, default=None, help="tile side for large images (larger than the overlap between tiles)")
     p.add_argument('--no-overlays', action='store_true')
     p = sub.add_parser('bench', help="speed benchmark: the loop, data pipeline and inference against their bare limits")
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda']); p.add_argument('--quick', action='store_true')
@@ -171,13 +190,53 @@ def cmd_make_data(a):
     d = write_darkfield(_out_dir(a.dir), a.n, a.size, a.seed, a.binary)
     print(f"wrote {a.n} image/mask pairs ({a.size}x{a.size}) to {d}/images and {d}/masks")
 
+# %% ../nbs/25_cli.ipynb #c8842dc5
+def _image_file(ds, i:int):
+    "The image file of sample `i` of a folder, VOC or Pets dataset (None for other datasets)."
+    if hasattr(ds, 'items'): return ds.items[i][0]
+    for attr in ('images', '_images'):   # torchvision's VOCSegmentation / OxfordIIITPet inside ours
+        files = getattr(getattr(ds, 'ds', None), attr, None)
+        if isinstance(files, list): return files[i]
+    return None
+
+def _image_size(ds, i:int):
+    "(H, W) of sample `i`, from the file header when there is a file (nothing decoded); None when unreadable."
+    from segtutor.data import DarkfieldDataset, COCODataset
+    while hasattr(ds, 'idxs') and hasattr(ds, 'ds'): ds, i = ds.ds, ds.idxs[i]   # through Subsets
+    if isinstance(ds, DarkfieldDataset): return (ds.size, ds.size)
+    if isinstance(ds, COCODataset): return (ds.coco.imgs[ds.ids[i]]['height'], ds.coco.imgs[ds.ids[i]]['width'])
+    fn = _image_file(ds, i)
+    if fn is None: return tuple(ds[i][0].shape[-2:])
+    try:
+        with Image.open(fn) as im: return (im.height, im.width)
+    except Exception: return None   # reading the sample itself will report the file by name
+
+def _image_sizes(ds):
+    "The distinct (H, W) image sizes of a dataset (stops at the second one)."
+    sizes = set()
+    for i in range(len(ds)):
+        sizes.add(_image_size(ds, i)); sizes.discard(None)
+        if len(sizes) > 1: break
+    return sizes
+
+# %% ../nbs/25_cli.ipynb #e22accbc
+def _palette(kind:str, # the data spec's kind: 'synthetic', 'folder', 'voc', 'coco', 'pets'
+             n:int):   # number of classes
+    "One RGB colour per class: VOC's for VOC and COCO, the darkfield colours first otherwise, then distinct hues."
+    import colorsys
+    from segtutor import data
+    if kind in ('voc', 'coco'): return [[int(v) for v in c] for c in data.voc_colormap(n)]
+    if hasattr(data, 'make_palette'): return [[int(v) for v in c] for c in data.make_palette(n)]   # the library's rule
+    pal = [list(c) for c in data.PALETTE[:n]]
+    for i in range(len(pal), n):   # golden-ratio hues, alternating brightness and saturation
+        r, g, b = colorsys.hsv_to_rgb((0.13 + i*0.618034) % 1, 0.95 - 0.3*(i % 2), 1.0 - 0.3*((i // 2) % 2))
+        pal.append([round(r*255), round(g*255), round(b*255)])
+    return pal
+
 # %% ../nbs/25_cli.ipynb #c8fbac74
 def _device(name):
     from segtutor.models.fcn import default_device
     return default_device(name)
-
-def _norm_for(a):
-    return a.norm or ('imagenet' if a.model.startswith('smp:') and a.weights == 'imagenet' else 'per_image')
 
 def _build(a, train_ds, valid_ds, classes, device):
     "DataLoaders, model and loss for train / lr-find."
@@ -185,18 +244,20 @@ def _build(a, train_ds, valid_ds, classes, device):
     from segtutor.data import Subset, get_dls
     from segtutor.models import get_model
     from segtutor.losses import get_loss
-    norm = _norm_for(a)
-    aug = a.aug if a.aug != 'auto' else ('flips' if getattr(a, 'data', 'synthetic') == 'synthetic' else 'full')
-    tt = (train_tfms(a.img_size, norm=norm) if aug == 'full' else
-          train_tfms(a.img_size, scale=None, rotate=0, jitter=0, flip=aug == 'flips', vflip=aug == 'flips', norm=norm))
-    sizes = {tuple(valid_ds[i][0].shape[-2:]) for i in range(min(len(valid_ds), 8))}
-    vt = valid_tfms(None if len(sizes) == 1 else a.img_size, norm=norm)
-    workers = a.workers if a.workers is not None else (2 if device.type == 'cuda' else 0)
-    dls = get_dls(Subset(train_ds, range(len(train_ds)), tt), Subset(valid_ds, range(len(valid_ds)), vt),
-                  bs=a.batch_size, workers=workers, classes=classes, pin_memory=device.type == 'cuda', seed=a.seed)
     try: model = get_model(a.model, len(classes), weights=None if a.weights == 'none' else a.weights,
                            freeze_encoder=a.freeze_encoder, freeze_decoder=a.freeze_decoder, freeze_head=a.freeze_head)
     except ValueError as e: raise CLIError(str(e)) from None
+    norm = a.norm or getattr(model, 'norm', 'per_image')   # get_model's rule: ImageNet statistics with pretrained weights
+    aug = a.aug if a.aug != 'auto' else ('flips' if getattr(a, 'data', 'synthetic') == 'synthetic' else 'full')
+    tt = (train_tfms(a.img_size, norm=norm) if aug == 'full' else
+          train_tfms(a.img_size, scale=None, rotate=0, jitter=0, flip=aug == 'flips', vflip=aug == 'flips', norm=norm))
+    sizes = _image_sizes(valid_ds)
+    if len(sizes) > 1: print(f"validation images differ in size ({' and '.join(f'{w}x{h}' for h, w in sorted(sizes))}): "
+                              f"resized to {a.img_size}x{a.img_size} for validation")
+    vt = valid_tfms(None if len(sizes) <= 1 else a.img_size, norm=norm)
+    workers = a.workers if a.workers is not None else (2 if device.type == 'cuda' else 0)
+    dls = get_dls(Subset(train_ds, range(len(train_ds)), tt), Subset(valid_ds, range(len(valid_ds)), vt),
+                  bs=a.batch_size, workers=workers, classes=classes, pin_memory=device.type == 'cuda', seed=a.seed)
     return dls, model, get_loss(a.loss, len(classes)), norm
 
 # %% ../nbs/25_cli.ipynb #fc3161f9
@@ -218,14 +279,19 @@ def _save_lr_plot(res, out):
 def cmd_train(a):
     "Train a model on a data spec; checkpoints and logs go to `--out`."
     import torch
-    from segtutor.learner import Learner
+    from segtutor.learner import Learner, TrainingDiverged
+    if a.resume:
+        a = _resume_args(a)
+        if a is None: return
+    if a.tensorboard:
+        try: import tensorboard
+        except ImportError: raise CLIError("--tensorboard needs the tensorboard package: pip install 'segtutor[tensorboard]'") from None
     torch.manual_seed(a.seed)
     device = _device(a.device)
     train_ds, valid_ds, classes = load_data(a.data, a.num_classes, a.mask_suffix, a.valid_pct, a.seed, a.n_train, a.n_valid,
                                             a.img_size, a.binary)
     dls, model, loss, norm = _build(a, train_ds, valid_ds, classes, device)
     out = _out_dir(a.out, 'run folder')
-    if a.resume and not (out/'last.pt').exists(): raise CLIError(f"{out/'last.pt'}: nothing to resume (no last.pt in the run folder)")
     if a.lr == 'auto' and not a.resume:
         lr, _ = _suggest_lr(model.to(device), dls, loss, a, out); print(f"LR finder suggests lr={lr:.2e} (plot: {out/'lr_find.png'})")
     else:
@@ -233,13 +299,81 @@ def cmd_train(a):
         except ValueError: raise CLIError(f"--lr must be a number or 'auto', not {a.lr!r}") from None
     config = dict(model=a.model, model_kwargs=getattr(model, 'spec_kwargs', {}), n_classes=len(classes), classes=list(classes),
                   norm=norm, img_size=a.img_size, data=a.data, loss=a.loss, lr=lr, scheduler=a.scheduler, epochs=a.epochs,
-                  batch_size=a.batch_size, wd=a.wd, seed=a.seed, weights=a.weights)
-    learn = Learner(model, dls, loss, lr=lr, wd=a.wd, sched=a.scheduler, device=device, amp=a.amp or None,
+                  batch_size=a.batch_size, wd=a.wd, seed=a.seed, weights=a.weights,
+                  palette=_palette(parse_data_spec(a.data)[0], len(classes)), cli=_train_flags(a))
+    learn = Learner(model, dls, loss, lr=lr, wd=a.wd, sched=a.scheduler, device=device, amp=a.amp, grad_clip=a.grad_clip,
                     channels_last=a.channels_last, out=out, config=config, patience=a.patience, seed=a.seed,
                     tensorboard=a.tensorboard)
-    hist = learn.resume(out/'last.pt') if a.resume else learn.fit(a.epochs)
+    try: hist = learn.resume(out/'last.pt') if a.resume else learn.fit(a.epochs)
+    except TrainingDiverged as e: raise CLIError(_in_flags(str(e))) from None
     best = max((h['miou'] for h in hist if h.get('miou') is not None and not math.isnan(h['miou'])), default=float('nan'))
     print(f"done: {len(hist)} epochs, best validation mIoU {best:.4f}; checkpoints in {out}")
+
+# %% ../nbs/25_cli.ipynb #5ac920db
+def _in_flags(msg:str):
+    "A library message in the command's words: `grad_clip=X` becomes `--grad-clip X`, a suggested rate `--lr X`."
+    msg = re.sub(r'\bgrad_clip=([\d.eE+-]+)', r'--grad-clip \1', msg)
+    msg = re.sub(r'\(e\.g\. ([\d.eE+-]+)\)', r'(e.g. --lr \1)', msg)
+    return msg.replace('run lr_find', 'use --lr auto')
+
+# %% ../nbs/25_cli.ipynb #a07ad153
+_RESUME_FREE = ('cmd', 'out', 'resume', 'workers', 'device', 'tensorboard')   # what a resumed run may change
+_OLD_KEYS = ('model', 'data', 'img_size', 'loss', 'scheduler', 'epochs', 'batch_size', 'wd', 'seed', 'weights', 'norm')
+
+def _abs_spec(spec:str):
+    "A data spec with its folder made absolute, so that a resume from another directory compares equal."
+    kind, root = parse_data_spec(spec)
+    if root is None: return spec
+    root = str(Path(root).expanduser().resolve())
+    return root if kind == 'folder' else f'{kind}:{root}'
+
+def _train_flags(a):
+    "The flags of a training run as they go into its config (what `--resume` rebuilds the run from)."
+    flags = {k: v for k, v in vars(a).items() if k not in _RESUME_FREE and not k.startswith('_')}
+    return {**flags, 'data': _abs_spec(a.data)}
+
+# %% ../nbs/25_cli.ipynb #632114ad
+def _given_flags(argv=None): # the command line (default `sys.argv[1:]`)
+    "Destinations of the options written out in `argv`: a second parse in which nothing has a default."
+    ap = build_parser()
+    subs = [act for act in ap._actions if isinstance(act, argparse._SubParsersAction)]
+    for p in subs[0].choices.values():
+        p._defaults.clear()
+        for act in p._actions: act.default = argparse.SUPPRESS
+    return set(vars(ap.parse_args(argv))) - {'cmd'}
+
+def _same(k:str, x, y):
+    "Whether two values of flag `k` mean the same: numbers by value, data specs by absolute folder."
+    if k == 'data': return _abs_spec(str(x)) == _abs_spec(str(y))
+    try: return float(x) == float(y)
+    except (TypeError, ValueError): return x == y
+
+def _flag(k:str, v):
+    "Flag `k` with value `v` as it is written on the command line."
+    f = '--' + k.replace('_', '-')
+    if v is True: return f
+    if v is False and k == 'amp': return '--no-amp'
+    return f'no {f}' if v is None or v is False else f'{f} {v}'
+
+# %% ../nbs/25_cli.ipynb #114a52a7
+def _resume_args(a):
+    "The saved run's flags for `train --resume`, refusing given flags that contradict them; None when the run is over."
+    from segtutor.checkpoint import load_checkpoint
+    last = Path(a.out)/'last.pt'
+    if not last.exists(): raise CLIError(f"{last}: nothing to resume (no last.pt in the run folder)")
+    ck = load_checkpoint(last)
+    cfg = ck.get('config') or {}
+    saved = dict(cfg['cli']) if cfg.get('cli') else {k: cfg[k] for k in _OLD_KEYS if k in cfg}
+    clash = [k for k in sorted(getattr(a, '_given', set()) & saved.keys()) if not _same(k, getattr(a, k), saved[k])]
+    if clash:
+        verb, it = ('contradicts', 'it') if len(clash) == 1 else ('contradict', 'them')
+        raise CLIError(f"{last}: {', '.join(_flag(k, getattr(a, k)) for k in clash)} {verb} the run being resumed "
+                       f"({', '.join(_flag(k, saved[k]) for k in clash)}); resume without {it}, or train into a new --out")
+    p = saved.get('patience')
+    if ck['epoch'] >= ck['epochs']: print(f"{last}: the run finished (epoch {ck['epoch']} of {ck['epochs']}); nothing to resume")
+    elif p is not None and ck.get('bad_epochs', 0) >= p:
+        print(f"{last}: the run stopped early after epoch {ck['epoch']} (no better mIoU for {p} epochs); nothing to resume")
+    else: return argparse.Namespace(**{**vars(a), **saved})
 
 # %% ../nbs/25_cli.ipynb #9f631da8
 def cmd_lr_find(a):
@@ -254,6 +388,17 @@ def cmd_lr_find(a):
     print(' '.join(f"{k}={v:.2e}" for k, v in sugg.items() if v is not None))
     print(f"suggested one-cycle peak lr (steepest/10): {lr:.2e} (plot: {out/'lr_find.png'})")
 
+# %% ../nbs/25_cli.ipynb #0360a748
+def _check_tile(tile:int|None):
+    "Raise a `CLIError` for a `--tile` that tiled inference cannot use (not larger than the overlap of tiles)."
+    import inspect
+    from segtutor.predict import predict_logits
+    ov = inspect.signature(predict_logits).parameters.get('overlap')
+    ov = ov.default if ov is not None and isinstance(ov.default, int) else 0
+    if tile is not None and (tile < 1 or tile <= ov):
+        raise CLIError(f"--tile {tile}: a tile must be larger than the {ov}-pixel overlap between tiles "
+                       f"(e.g. --tile {max(4*ov, 64)}), or leave --tile out")
+
 # %% ../nbs/25_cli.ipynb #f32070e9
 def cmd_evaluate(a):
     "Metrics of a checkpoint on a dataset; `--json` writes pixel_accuracy, miou, per_class_iou, dice."
@@ -261,6 +406,7 @@ def cmd_evaluate(a):
     from segtutor.checkpoint import load_model
     from segtutor.evaluate import evaluate, per_class_table
     from segtutor.predict import predict_logits
+    _check_tile(a.tile)
     device = _device(a.device)
     model, cfg = load_model(a.ckpt, device)
     n = cfg['n_classes']
@@ -278,12 +424,14 @@ def cmd_predict(a):
     "Predict masks for an image or folder into `--out`."
     from segtutor.checkpoint import load_model
     from segtutor.predict import predict_folder, list_inputs
+    _check_tile(a.tile)
     device = _device(a.device)
     model, cfg = load_model(a.ckpt, device)
     list_inputs(a.input)                      # fail on a missing/empty input before creating anything
     _out_dir(a.out)
+    palette = cfg.get('palette') or _palette(parse_data_spec(cfg.get('data') or 'synthetic')[0], cfg['n_classes'])
     paths = predict_folder(model, a.input, a.out, cfg.get('norm', 'per_image'), a.batch_size, device, a.tile, a.threshold,
-                           overlays=not a.no_overlays)
+                           palette=[tuple(c) for c in palette], overlays=not a.no_overlays)
     print(f"wrote {len(paths)} masks to {a.out}" + ('' if a.no_overlays else f" (overlays in {Path(a.out)/'overlays'})"))
 
 # %% ../nbs/25_cli.ipynb #f96a682f
@@ -319,8 +467,8 @@ def _write_report(out, metrics, table, hist, lr, secs, pics):
             f"{metrics['pixel_accuracy']:.4f}.\n\n")
     md = head + table + '\n\n' + '\n\n'.join(f"![{alt}]({Path(fn).name})\n\n*{alt}*" for fn, alt in pics) + '\n'
     (out/'report.md').write_text(md)
-    rows = ''.join(f"<tr><td>{html.escape(r.split('|')[1].strip())}</td>" + ''.join(f"<td>{c.strip()}</td>" for c in r.split('|')[2:-1]) + '</tr>'
-                   for r in table.splitlines()[2:])
+    td = lambda c: '<td>' + re.sub(r'\*\*(.+?)\*\*', r'<b>\1</b>', html.escape(c.strip())) + '</td>'   # markdown bold -> <b>
+    rows = ''.join('<tr>' + ''.join(td(c) for c in r.split('|')[1:-1]) + '</tr>' for r in table.splitlines()[2:])
     body = (f"<h1>segtutor demo report</h1><p>{html.escape(head.split(chr(10))[2])}</p><p><b>Validation mIoU {metrics['miou']:.4f}</b>, "
             f"pixel accuracy {metrics['pixel_accuracy']:.4f}.</p><table><tr><th>class</th><th>IoU</th><th>Dice</th><th>pixels</th></tr>{rows}</table>"
             + ''.join(_img_tag(fn, alt) for fn, alt in pics))
@@ -367,6 +515,7 @@ def cmd_demo(a):
 def main(argv=None):
     "Entry point of the `segtutor` console script."
     a = build_parser().parse_args(argv)
+    a._given = _given_flags(argv)   # the flags written out: `train --resume` refuses those that contradict the run
     cmds = {'demo': cmd_demo, 'make-data': cmd_make_data, 'train': cmd_train, 'lr-find': cmd_lr_find,
             'evaluate': cmd_evaluate, 'predict': cmd_predict, 'bench': _cmd_bench}
     return _run(cmds[a.cmd], a)

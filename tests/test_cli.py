@@ -11,8 +11,8 @@ from PIL import Image
 
 SEGTUTOR = str(Path(sys.executable).parent/'segtutor')
 
-def run(*args, cwd=None, timeout=600):
-    env = {k: v for k, v in os.environ.items() if k != 'SEGTUTOR_DEBUG'}
+def run(*args, cwd=None, timeout=600, env=None):
+    env = {**{k: v for k, v in os.environ.items() if k != 'SEGTUTOR_DEBUG'}, **(env or {})}
     return subprocess.run([SEGTUTOR, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
 
 def ok(r):
@@ -99,11 +99,14 @@ def test_killed_run_resumes(work):
     p.send_signal(signal.SIGKILL); p.wait()
     done = len(csv.read_text().strip().splitlines()) - 1
     assert 1 <= done < 4
-    ok(run(*args, '--resume'))
+    before = json.loads((work/'run_kill'/'config.json').read_text())
+    ok(run('train', '--out', work/'run_kill', '--resume'))   # nothing but the run folder: the rest comes from last.pt
     rows = csv.read_text().strip().splitlines()
     assert [r.split(',')[0] for r in rows[1:]] == ['1', '2', '3', '4'], rows
     ck = torch.load(work/'run_kill'/'last.pt', map_location='cpu', weights_only=True)
     assert ck['epoch'] == 4
+    after = json.loads((work/'run_kill'/'config.json').read_text())
+    assert {k: after[k] for k in ('data', 'img_size', 'model', 'seed')} == {k: before[k] for k in ('data', 'img_size', 'model', 'seed')}
 
 # ---- bad input: one line, the file and the problem, non-zero exit, nothing that looks complete ----
 
@@ -125,11 +128,17 @@ def test_corrupt_image_in_predict_input(work):
     fails(run('predict', '--ckpt', work/'run'/'best.pt', '--input', bad, '--out', work/'p_bad'), 'broken.png')
     assert not (work/'p_bad'/'good.png').exists(), "a partial prediction was left behind"
 
-def test_corrupt_image_in_training_data(work):
+@pytest.mark.parametrize('workers', [0, 2])
+def test_corrupt_image_in_training_data(work, workers):
+    "The one line names the file and the problem whether the image is read in this process or in a DataLoader worker."
     import shutil
-    shutil.copytree(work/'data', work/'data_bad')
-    (work/'data_bad'/'images'/'0005.png').write_bytes(b'not an image')
-    fails(run('train', '--data', work/'data_bad', '--out', work/'run_bad', '--epochs', 1, '--lr', '1e-2', '--img-size', 64), '0005.png')
+    data = work/f'data_bad_{workers}'
+    shutil.copytree(work/'data', data)
+    bad = data/'images'/'0005.png'
+    bad.write_bytes(bad.read_bytes()[:300])   # truncated: the header reads, the pixels do not
+    last = fails(run('train', '--data', data, '--out', work/f'run_bad_{workers}', '--epochs', 1, '--lr', '1e-2',
+                     '--img-size', 64, '--workers', workers), '0005.png', 'cannot read image')
+    assert 'Caught' not in last and 'worker' not in last, last
 
 def test_unknown_model_spec(work):
     fails(run('train', '--data', work/'data', '--out', work/'run_spec', '--model', 'smp:NoSuchArch:resnet18', '--lr', '1e-3'), 'NoSuchArch')
@@ -147,6 +156,101 @@ def test_unwritable_output_folder(work):
 def test_missing_data_folder(work):
     fails(run('train', '--data', work/'nowhere', '--out', work/'r_nowhere'), 'nowhere')
 
+# ---- flags that do what they say, resume from the saved run, colours for every class ----
+
+def tiny(out, *extra, data='synthetic'):
+    "Arguments of a seconds-long training run: a small U-Net, 32-pixel slides, one epoch."
+    return ('train', '--data', data, '--out', out, '--n-train', 16, '--n-valid', 4, '--img-size', 32, '--batch-size', 8,
+            '--model', 'unet:8:2', '--epochs', 1, '--lr', '1e-2', *extra)
+
+def _folder(d, n, size, n_classes, odd=()):
+    "A folder dataset of random images with masks holding every class; images in `odd` are 40x24 instead."
+    from segtutor.data import save_mask
+    rng = np.random.default_rng(0)
+    (d/'images').mkdir(parents=True); (d/'masks').mkdir()
+    for i in range(n):
+        h, w = (24, 40) if i in odd else (size, size)
+        m = (np.arange(w)[None, :]*n_classes//w).repeat(h, 0).astype(np.uint8)   # vertical stripes of every class
+        img = (rng.integers(0, 40, (h, w, 3)) + m[..., None]*40).astype(np.uint8)
+        Image.fromarray(img).save(d/'images'/f'{i:03d}.png'); save_mask(m, d/'masks'/f'{i:03d}.png')
+    return d
+
+@pytest.fixture(scope='module')
+def five(tmp_path_factory):
+    "One short run on a 5-class folder whose 10th and last validation image has another size, with the new flags."
+    from segtutor.data import split_idx
+    t = tmp_path_factory.mktemp('five')
+    d = _folder(t/'data', 20, 32, 5, odd={split_idx(20, 0.5, 0)[1][-1]})
+    r = ok(run(*tiny(t/'run', '--valid-pct', 0.5, '--no-amp', '--grad-clip', 0.5, '--tensorboard', data=d)))
+    return d, t/'run', r.stdout
+
+def test_train_help_matches_what_train_does(five):
+    "--tensorboard writes where its help says; --no-amp and --grad-clip exist and reach the learner."
+    h = ok(run('train', '--help')).stdout
+    assert 'RUN_DIR/tensorboard' in h and '--no-amp' in h and '--grad-clip' in h, h
+    _, run_dir, _ = five
+    cfg = json.loads((run_dir/'config.json').read_text())
+    assert cfg['amp'] is False and cfg['grad_clip'] == 0.5, cfg
+    assert list((run_dir/'tensorboard').glob('events.out.tfevents.*'))
+
+def test_validation_sizes_checked_on_every_image(five):
+    "The first 8 validation images agree, the 10th does not: validation resizes instead of failing to stack them."
+    assert 'validation images differ in size (40x24 and 32x32)' in five[2], five[2]
+
+def test_every_class_has_its_own_colour(five):
+    "Five classes: the checkpoint stores five distinct colours and predicted palette PNGs use them (none black but 0)."
+    d, run_dir, _ = five
+    pal = json.loads((run_dir/'config.json').read_text())['palette']
+    assert len(pal) == 5 and len({tuple(c) for c in pal}) == 5 and all(max(c) > 100 for c in pal[1:]), pal
+    ok(run('predict', '--ckpt', run_dir/'best.pt', '--input', d/'images'/'000.png', '--out', run_dir.parent/'pred'))
+    png = np.array(Image.open(run_dir.parent/'pred'/'000.png').getpalette()[:15]).reshape(5, 3)
+    assert png.tolist() == pal, (png.tolist(), pal)
+
+def test_tensorboard_missing_is_one_line(tmp_path):
+    "Without the optional tensorboard package, --tensorboard says what to install before any work starts."
+    argv = [str(x) for x in tiny(tmp_path/'r', '--tensorboard')]
+    code = f"import sys; sys.modules['tensorboard'] = None; from segtutor.cli import main; sys.exit(main({argv!r}))"
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300, cwd=tmp_path)  # not the repo root on sys.path
+    fails(r, '--tensorboard', "segtutor[tensorboard]")
+    assert not (tmp_path/'r').exists()
+
+def test_divergence_advice_names_the_flags(tmp_path):
+    last = fails(run(*tiny(tmp_path/'r', '--lr', '1e3', '--scheduler', 'constant')), 'training diverged', '--grad-clip 1.0', '--lr ')
+    assert 'grad_clip=' not in last and 'SEGTUTOR_DEBUG' not in last, last
+
+def test_tile_not_larger_than_the_overlap(work):
+    fails(run('predict', '--ckpt', work/'run'/'best.pt', '--input', work/'inputs', '--out', work/'p_tile', '--tile', 32),
+          '--tile 32', 'overlap')
+    assert not (work/'p_tile').exists()
+
+def test_resume_refuses_flags_that_contradict_the_run(work):
+    "A different --seed or --valid-pct would silently change the validation split of the run being resumed."
+    rows = (work/'run'/'metrics.csv').read_text()
+    fails(run('train', '--data', work/'data', '--out', work/'run', '--resume', '--seed', 1, '--valid-pct', 0.5),
+          'last.pt', '--seed 1, --valid-pct 0.5', '(--seed 0, --valid-pct 0.2)')
+    r = ok(run('train', '--out', work/'run', '--resume', '--data', work/'data', '--workers', 0))   # same data, another worker count
+    assert 'nothing to resume' in r.stdout and (work/'run'/'metrics.csv').read_text() == rows, r.stdout
+
+def test_resume_after_early_stop_does_not_train_on(tmp_path):
+    "A run stopped by --patience is over: resuming it trains nothing (lr 0 and a frozen body give equal mIoUs)."
+    args = tiny(tmp_path/'r', '--epochs', 4, '--patience', 1, '--lr', 0, '--scheduler', 'constant',
+                '--freeze-encoder', '--freeze-decoder')
+    ok(run(*args))
+    csv = tmp_path/'r'/'metrics.csv'
+    assert len(csv.read_text().strip().splitlines()) == 1 + 2   # epoch 2 was no better: stopped
+    r = ok(run('train', '--out', tmp_path/'r', '--resume'))
+    assert 'stopped early' in r.stdout and len(csv.read_text().strip().splitlines()) == 1 + 2, r.stdout
+
+def test_pretrained_segnet_gets_imagenet_normalisation(tmp_path):
+    "SegNet with --weights imagenet normalises as its ImageNet encoder expects, as get_model says (one rule)."
+    from torchvision.models import VGG16_BN_Weights, vgg
+    feats = vgg.make_layers(vgg.cfgs['D'], batch_norm=True)      # the encoder layers of vgg16_bn, random: offline
+    ck = Path(tmp_path/'torch'/'hub'/'checkpoints'); ck.mkdir(parents=True)
+    torch.save({f'features.{k}': v for k, v in feats.state_dict().items()}, ck/Path(VGG16_BN_Weights.IMAGENET1K_V1.url).name)
+    env = {'TORCH_HOME': str(tmp_path/'torch')}
+    ok(run(*tiny(tmp_path/'r', '--model', 'segnet', '--weights', 'imagenet', '--batch-size', 4), env=env))
+    assert json.loads((tmp_path/'r'/'config.json').read_text())['norm'] == 'imagenet'
+
 def test_every_subcommand_has_help():
     for cmd in ('demo', 'make-data', 'train', 'lr-find', 'evaluate', 'predict', 'bench'):
         r = ok(run(cmd, '--help'))
@@ -159,4 +263,5 @@ def test_quick_demo_writes_report_and_metrics(tmp_path):
     assert {'pixel_accuracy', 'miou', 'per_class_iou', 'dice'} <= set(js) and 0 <= js['miou'] <= 1
     html = (out/'report.html').read_text()
     assert html.count('<img src="data:image/png;base64,') == 4 and f"{js['miou']:.4f}" in html
+    assert '**' not in html and '<td><b>mean</b></td>' in html   # markdown bold in the table becomes HTML bold
     assert len(list((out/'predictions').glob('*.png'))) == 6
