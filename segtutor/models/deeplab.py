@@ -6,14 +6,14 @@
 __all__ = ['dilate', 'count_macs', 'SeparableConv2d', 'aspp_branch', 'ASPPPooling', 'ASPP', 'DeepLabV3PlusDecoder',
            'DeepLabV3Plus']
 
-# %% ../../nbs/09_deeplab.ipynb #2b59cb2a
+# %% ../../nbs/09_deeplab.ipynb #ca94fd2d
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ..augment import pad_to_multiple, unpad
 from .resnet import ResNet, resnet34, load_resnet_weights
 
-# %% ../../nbs/09_deeplab.ipynb #6191273d
+# %% ../../nbs/09_deeplab.ipynb #65d2e04c
 def dilate(model:ResNet, # a ResNet (lesson 08) with layer3 and layer4
            output_stride:int=16): # 32 (as built), 16 or 8
     "Replace the strides of the stages past `output_stride` by dilation (smp's way), in place; returns `model`."
@@ -29,7 +29,7 @@ def dilate(model:ResNet, # a ResNet (lesson 08) with layer3 and layer4
     model.output_stride = output_stride
     return model
 
-# %% ../../nbs/09_deeplab.ipynb #4a422e6b
+# %% ../../nbs/09_deeplab.ipynb #4d2ccb9d
 def count_macs(model:nn.Module, x:torch.Tensor): # x: (N,C,H,W) input
     "Multiply-adds per image of each `Conv2d` and `Linear` in `model` on `x`: a dict {module name: MACs}."
     macs, hooks = {}, []
@@ -47,7 +47,7 @@ def count_macs(model:nn.Module, x:torch.Tensor): # x: (N,C,H,W) input
         for h in hooks: h.remove()
     return macs
 
-# %% ../../nbs/09_deeplab.ipynb #0d7d59c1
+# %% ../../nbs/09_deeplab.ipynb #80442694
 class SeparableConv2d(nn.Sequential):
     "Depthwise k×k convolution (one filter per channel, no bias), then pointwise 1×1: (N,ni,H,W) -> (N,nf,H',W')."
     def __init__(self, ni:int, nf:int, kernel_size:int=3, stride:int=1, padding:int=0, dilation:int=1,
@@ -55,7 +55,7 @@ class SeparableConv2d(nn.Sequential):
         super().__init__(nn.Conv2d(ni, ni, kernel_size, stride, padding, dilation, groups=ni, bias=False),
                          nn.Conv2d(ni, nf, 1, bias=bias))
 
-# %% ../../nbs/09_deeplab.ipynb #76c45236
+# %% ../../nbs/09_deeplab.ipynb #86daed9f
 def aspp_branch(ni:int, nf:int,
                 rate:int|None=None,     # dilation of a 3×3 branch; None: the 1×1 branch
                 separable:bool=False):  # depthwise-separable 3×3 convolution
@@ -73,7 +73,7 @@ class ASPPPooling(nn.Sequential):
     def forward(self, x):
         return F.interpolate(super().forward(x), size=x.shape[-2:], mode='bilinear', align_corners=False)
 
-# %% ../../nbs/09_deeplab.ipynb #d9ac125b
+# %% ../../nbs/09_deeplab.ipynb #376a1129
 class ASPP(nn.Module):
     "Atrous spatial pyramid pooling: 1×1, atrous 3×3 and image-pooling branches, concatenated, projected."
     def __init__(self, ni:int, nf:int=256,
@@ -89,7 +89,7 @@ class ASPP(nn.Module):
     def forward(self, x): # (N,ni,H,W) -> (N,nf,H,W)
         return self.project(torch.cat([conv(x) for conv in self.convs], 1))
 
-# %% ../../nbs/09_deeplab.ipynb #42d506f0
+# %% ../../nbs/09_deeplab.ipynb #16362fa1
 class DeepLabV3PlusDecoder(nn.Module):
     "ASPP on the last map, upsampled to the 1/4 features (reduced to 48 channels), concatenated, fused."
     def __init__(self, encoder_channels:list, # channels of the encoder's maps at strides 2, 4, ...
@@ -110,7 +110,7 @@ class DeepLabV3PlusDecoder(nn.Module):
         aspp = F.interpolate(self.aspp(features[-1]), size=low.shape[-2:], mode='bilinear', align_corners=True)
         return self.block2(torch.cat([aspp, low], 1))  # (N,out_channels,H/4,W/4)
 
-# %% ../../nbs/09_deeplab.ipynb #c07d7722
+# %% ../../nbs/09_deeplab.ipynb #66ea5cac
 class DeepLabV3Plus(nn.Module):
     "DeepLabV3+ (smp's structure) on a dilated ResNet34: (N,in_channels,H,W) -> (N,n_classes,H,W), any H and W."
     def __init__(self, n_classes:int=2, in_channels:int=3,
