@@ -189,7 +189,7 @@ def conv_transpose2d(x:torch.Tensor,  # (N,C_in,H,W) input
     out = out[..., ph:fh-ph, pw:fw-pw].reshape(n, groups*og, fh - 2*ph, fw - 2*pw)
     return out if b is None else out + b.reshape(1, -1, 1, 1)
 
-# %% ../../nbs/02_convolution.ipynb #9dd7ffac
+# %% ../../nbs/02_convolution.ipynb #432d66d2
 def conv_arith(n:int,                   # input side
                k:int,                   # kernel side
                s:int=1, p:int=0, d:int=1,
@@ -213,7 +213,7 @@ def conv_arith(n:int,                   # input side
     return dict(out=out, k_eff=k_eff, room=room, windows=windows, exact=room % s == 0,
                 leftover=L - 1 - max(touched), unread=unread, lost=sum(p <= x < L - p for x in unread))
 
-# %% ../../nbs/02_convolution.ipynb #480c86d7
+# %% ../../nbs/02_convolution.ipynb #8ddf9af0
 def arith_text(n:int, k:int, s:int=1, p:int=0, d:int=1, transposed:bool=False, output_padding:int=0):
     "The size formula filled in for these settings, as HTML; a red mark when the windows do not fit exactly."
     a = conv_arith(n, k, s, p, d, transposed, output_padding)
@@ -229,7 +229,7 @@ def arith_text(n:int, k:int, s:int=1, p:int=0, d:int=1, transposed:bool=False, o
     n_un, lost = len(a['unread']), a['lost']
     return f + red.format(f'In all, {what} {n_un} px of the padded row ({lost} of them real pixels).')
 
-# %% ../../nbs/02_convolution.ipynb #f4a39bed
+# %% ../../nbs/02_convolution.ipynb #5c75e76a
 def render_arith(n:int, k:int, s:int=1, p:int=0, d:int=1, transposed:bool=False, output_padding:int=0):
     "The padded row, every window (or stamp) and its taps above it, the pixels no tap touches in red (a Figure)."
     a = conv_arith(n, k, s, p, d, transposed, output_padding)
@@ -255,7 +255,7 @@ def render_arith(n:int, k:int, s:int=1, p:int=0, d:int=1, transposed:bool=False,
     ax.set_xlim(-.5, L + .5); ax.set_ylim(-.3, 1.9 + 0.6*nw); ax.set_aspect('equal'); ax.axis('off')
     plt.close(fig); return fig
 
-# %% ../../nbs/02_convolution.ipynb #12d8d49b
+# %% ../../nbs/02_convolution.ipynb #c62bb8d5
 def _slider(label, lo, hi, v): return widgets.IntSlider(value=v, min=lo, max=hi, description=label, continuous_update=False)
 
 class ArithExplorer:
@@ -299,7 +299,7 @@ def stamp_counts(n,                     # input side (int, or (h, w))
     for _ in range(layers): x = conv_transpose2d(x, w, None, stride, padding, output_padding)
     return x[0, 0]
 
-# %% ../../nbs/02_convolution.ipynb #48dbe75d
+# %% ../../nbs/02_convolution.ipynb #06bfb5bb
 def resize_conv_counts(n:int, kernel:int=3, factor:int=2, layers:int=1, mode:str='nearest'):
     "Taps reaching each output pixel of `layers` × (upsample by `factor`, then a same-size convolution), on ones."
     x, w = torch.ones(1, 1, n, n), torch.ones(1, 1, kernel, kernel)
