@@ -9,7 +9,7 @@ __all__ = ['OPTIMIZERS', 'SCHEDULERS', 'SGD', 'Adagrad', 'RMSprop', 'Adam', 'Ada
 import math
 import torch
 
-# %% ../nbs/13_optim.ipynb #87bb867f
+# %% ../nbs/13_optim.ipynb #28514fa9
 def _loss(closure):
     "The loss of `closure()` computed with gradients on, or None: what `Optimizer.step` returns."
     if closure is None: return None
@@ -20,7 +20,7 @@ def _check(**hps):
     for k, v in hps.items():
         if v < 0: raise ValueError(f"invalid {k}: {v} (must be >= 0)")
 
-# %% ../nbs/13_optim.ipynb #acc39d2f
+# %% ../nbs/13_optim.ipynb #a2022f1c
 class SGD(torch.optim.Optimizer):
     "Stochastic gradient descent with momentum, Nesterov momentum and L2 weight decay: `torch.optim.SGD` by hand."
     def __init__(self, params,           # parameters, or a list of parameter-group dicts
@@ -54,7 +54,7 @@ class SGD(torch.optim.Optimizer):
                 p.add_(d, alpha=-group['lr'])
         return loss
 
-# %% ../nbs/13_optim.ipynb #d7499510
+# %% ../nbs/13_optim.ipynb #6ccbd48c
 class Adagrad(torch.optim.Optimizer):
     "Adagrad: divide by the root of the sum of squared gradients so far; `torch.optim.Adagrad` by hand."
     def __init__(self, params, lr:float=1e-2,
@@ -83,7 +83,7 @@ class Adagrad(torch.optim.Optimizer):
                 p.addcdiv_(d, st['sum'].addcmul_(d, d).sqrt() + group['eps'], value=-lr)
         return loss
 
-# %% ../nbs/13_optim.ipynb #064d268a
+# %% ../nbs/13_optim.ipynb #ec591158
 class RMSprop(torch.optim.Optimizer):
     "RMSprop: divide by the root of a moving average of squared gradients; `torch.optim.RMSprop` by hand."
     def __init__(self, params, lr:float=1e-2,
@@ -123,7 +123,7 @@ class RMSprop(torch.optim.Optimizer):
                 else: p.addcdiv_(d, denom, value=-group['lr'])
         return loss
 
-# %% ../nbs/13_optim.ipynb #b65e6b9b
+# %% ../nbs/13_optim.ipynb #0f1311fe
 class Adam(torch.optim.Optimizer):
     "Adam (and AdamW with `decoupled_weight_decay`): momentum over an RMSprop denominator, bias-corrected."
     def __init__(self, params, lr:float=1e-3,
@@ -165,7 +165,7 @@ class Adam(torch.optim.Optimizer):
                 p.addcdiv_(m, denom, value=-lr/(1 - b1**t))                 # θ - η m̂/(sqrt(v̂) + ε)
         return loss
 
-# %% ../nbs/13_optim.ipynb #2fcfd7ab
+# %% ../nbs/13_optim.ipynb #1b52ead3
 class AdamW(Adam):
     "Adam with decoupled weight decay, θ ← θ(1 - ηλ) before each step: `torch.optim.AdamW` by hand."
     def __init__(self, params, lr:float=1e-3, betas=(0.9, 0.999), eps:float=1e-8,
