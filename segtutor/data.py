@@ -76,8 +76,9 @@ def _background(rng, size:int):
     return np.zeros((size, size, 3), np.float32) + rng.uniform(0.03, 0.08)*tint, vignette*tilt + patch
 
 # %% ../nbs/00_data.ipynb #ce09fab5
-def _draw_rbc(rng, img:np.ndarray, mask:np.ndarray, s:float):
-    "Add one red blood cell to `img` (H,W,3) in place and label its pixels 1 in `mask`."
+def _draw_rbc(rng, img:np.ndarray, mask:np.ndarray, s:float,
+              inst:np.ndarray|None=None, k:int=0): # (H,W) instance ids and this object's id
+    "Add one red blood cell to `img` (H,W,3) in place, label its pixels 1 in `mask` (and `k` in `inst`)."
     size = mask.shape[0]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     r, c = rng.uniform(6, 12)*s, rng.uniform(-0.05, 1.05, 2)*size
@@ -90,15 +91,19 @@ def _draw_rbc(rng, img:np.ndarray, mask:np.ndarray, s:float):
     layer = (np.clip((r_th-rho)/1.2 + 0.5, 0, 1)*(0.55 + 0.45*np.clip(rel, 0, 1)**3))[..., None]*(col + pale)
     if rng.random() < 0.25: layer = _blur(layer, rng.uniform(1.2, 2.2))
     img += layer; mask[rho < r_th] = 1
+    if inst is not None: inst[rho < r_th] = k
 
 # %% ../nbs/00_data.ipynb #c03bae40
-def _draw_thread(rng, img:np.ndarray, mask:np.ndarray, s:float, wavy:bool=True):
-    "Add a spirochete (labelled 2) or, with `wavy=False`, a look-alike rod (left as background) to `img` in place."
+def _draw_thread(rng, img:np.ndarray, mask:np.ndarray, s:float, wavy:bool=True,
+                 inst:np.ndarray|None=None, k:int=0): # (H,W) instance ids and this object's id
+    "Add a spirochete (labelled 2, and `k` in `inst`) or, with `wavy=False`, a look-alike rod (left as background)."
     d, t = _thread_dist(_thread_path(rng, mask.shape[0], s, wavy), mask.shape[0])
     fade = 1 - rng.uniform(0.3, 0.9)*(t if rng.random() < 0.5 else 1-t) if wavy else 1.
     inten = rng.uniform(0.2, 0.7)*fade if wavy else rng.uniform(0.3, 0.8)
     img += (np.exp(-d**2/(2*(0.6*s)**2))*inten)[..., None]*np.array([0.9, 0.95, 1.0])
-    if wavy: mask[d < 1.2*s] = 2
+    if not wavy: return
+    mask[d < 1.2*s] = 2
+    if inst is not None: inst[d < 1.2*s] = k
 
 def _draw_debris(rng, img:np.ndarray, s:float):
     "Add one small round bright speck (background) to `img` in place."
@@ -116,19 +121,29 @@ def _camera(rng, img:np.ndarray, s:float):
     img = rng.poisson(np.clip(img, 0, None)*photons)/photons + rng.normal(0, rng.uniform(0.008, 0.02), img.shape)
     return (np.clip(img, 0, 1)*255 + 0.5).astype(np.uint8)
 
+# %% ../nbs/00_data.ipynb #7cb14d4b
+def _relabel(inst:np.ndarray): # (H,W) integer ids, 0 = background
+    "Renumber the ids present in `inst` as 1..n in increasing order (int32), keeping 0 as background."
+    ids = np.unique(inst[inst > 0])
+    lut = np.zeros(int(inst.max()) + 1, np.int32); lut[ids] = np.arange(1, len(ids) + 1)
+    return lut[inst]
+
+# %% ../nbs/00_data.ipynb #045a3e00
 def make_darkfield(seed:int=0,     # same seed, same picture
                    size:int=128,   # side in pixels (object sizes scale with it)
-                   binary:bool=False): # mask 0/1 (any object) instead of 0/1/2
-    "One synthetic darkfield image (H,W,3) uint8 and its index mask (H,W) uint8: 0 background, 1 rbc, 2 spirochete."
+                   binary:bool=False, # mask 0/1 (any object) instead of 0/1/2
+                   instances:bool=False): # also return the (H,W) int32 instance labels
+    "A synthetic darkfield image (H,W,3) uint8, its mask (H,W) uint8 (0 background, 1 rbc, 2 spirochete) [, instances]."
     rng, s = np.random.default_rng(seed), size/128
     img, illum = _background(rng, size)
-    mask = np.zeros((size, size), np.uint8)
-    for _ in range(rng.integers(2, 10)): _draw_rbc(rng, img, mask, s)
+    mask, inst = np.zeros((size, size), np.uint8), np.zeros((size, size), np.int32)
+    for k in range(1, 1+rng.integers(2, 10)): _draw_rbc(rng, img, mask, s, inst, k)   # cells get ids 1..k
     for _ in range(rng.integers(2, 9)): _draw_debris(rng, img, s)
     for _ in range(rng.integers(1, 6)): _draw_thread(rng, img, mask, s, wavy=False)
-    for _ in range(rng.integers(1, 5)): _draw_thread(rng, img, mask, s)
+    for k in range(k+1, k+1+rng.integers(1, 5)): _draw_thread(rng, img, mask, s, inst=inst, k=k)  # then spirochetes
     img = _camera(rng, img*illum[..., None], s)
-    return img, ((mask > 0).astype(np.uint8) if binary else mask)
+    mask = (mask > 0).astype(np.uint8) if binary else mask
+    return (img, mask, _relabel(inst)) if instances else (img, mask)
 
 # %% ../nbs/00_data.ipynb #5ff29f6e
 def colorize(mask, # (H,W) class indices; 255 is drawn white
