@@ -108,7 +108,8 @@ def _write_onnx(ep, fn:Path, meta:dict):
     big = sum(t.numel()*t.element_size() for t in ep.state_dict.values()) > _MAX_PROTO
     quiet, level = logging.getLogger('onnx_ir'), logging.getLogger('onnx_ir').level
     quiet.setLevel(logging.ERROR)              # notes about the translator's internals, not about the model
-    try: torch.onnx.export(ep, f=str(fn), input_names=['image'], output_names=['logits'], external_data=big, verbose=False)
+    try: torch.onnx.export(ep, f=str(fn), input_names=['image'], output_names=['logits'], dynamo=True, external_data=big,
+                           verbose=False)
     finally: quiet.setLevel(level)
     proto = onnx.load(str(fn), load_external_data=False)
     _name_dims(proto)

@@ -164,7 +164,7 @@ def instance_scores(trues, # list of (instance labels, class mask) pairs: the tr
         for th in threshs: rows.append({'class': classes[c], **matching_dataset(ts, ps, th)})
     return rows
 
-# %% ../nbs/23_instances.ipynb #262a3070
+# %% ../nbs/23_instances.ipynb #c9ac4ea1
 def instance_classes(labels, # (H,W) instance labels
                      mask): # (H,W) class indices
     "The class of every object: an int array indexed by instance id (entry 0 is background)."
@@ -174,7 +174,7 @@ def instance_classes(labels, # (H,W) instance labels
     cls[0] = 0
     return cls
 
-# %% ../nbs/23_instances.ipynb #0cb81c64
+# %% ../nbs/23_instances.ipynb #fdf97235
 _PROPS = ('label', 'area', 'centroid', 'bbox', 'intensity_mean', 'eccentricity')
 _NAMES = {'centroid-0': 'centroid_y', 'centroid-1': 'centroid_x', 'bbox-0': 'bbox_y0', 'bbox-1': 'bbox_x0',
           'bbox-2': 'bbox_y1', 'bbox-3': 'bbox_x1', 'intensity_mean': 'mean_intensity'}
@@ -192,7 +192,7 @@ def instance_table(labels, # (H,W) instance labels
     cls = instance_classes(labels, mask)[t['label']]
     return {'label': t.pop('label'), 'class': np.array([classes[c] for c in cls], dtype=object), **t}
 
-# %% ../nbs/23_instances.ipynb #fef5cd00
+# %% ../nbs/23_instances.ipynb #8da23fef
 def count_instances(labels, # (H,W) instance labels
                     mask, # (H,W) class indices
                     classes=CLASSES): # class names; index 0 (background) is not counted
@@ -210,7 +210,7 @@ def count_image(mask, # (H,W) class indices of one image (predicted or true)
     labels = label_instances(mask, method=method, min_size=min_size, **kw)
     return labels, count_instances(labels, mask, classes)
 
-# %% ../nbs/23_instances.ipynb #6ac466c0
+# %% ../nbs/23_instances.ipynb #a2c221d0
 def _font(size:int):
     "PIL's default font at `size` pixels (the fixed bitmap font where FreeType is missing)."
     try: return ImageFont.load_default(size=size)
@@ -223,7 +223,7 @@ def _centres(labels):
     n = int(labels.max(initial=0))
     return ndi.maximum_position(depth, labels, np.arange(1, n + 1)) if n else []
 
-# %% ../nbs/23_instances.ipynb #974cb89b
+# %% ../nbs/23_instances.ipynb #b231ae46
 def draw_outlines(img, # (H,W,3) uint8 image
                   labels, # (H,W) instance labels
                   mask=None, # (H,W) class indices: outlines in class colours (None: all white)
@@ -251,7 +251,7 @@ def draw_outlines(img, # (H,W,3) uint8 image
         draw.text((x, y), str(i), fill=(255, 255, 255), font=font, **kw)
     return np.asarray(pic)
 
-# %% ../nbs/23_instances.ipynb #d532d961
+# %% ../nbs/23_instances.ipynb #90c71b06
 def _atomic(save, fn):
     "Call `save(tmp)` on a temporary file next to `fn`, then rename it to `fn` (no half-written files)."
     fn = Path(fn); tmp = fn.with_name(f'.{fn.name}.tmp')
@@ -276,7 +276,7 @@ def load_labels(fn):
     except OSError as e: raise SegDataError(f"{fn}: cannot read instance labels ({e})") from None
     return np.asarray(im).astype(np.int32)
 
-# %% ../nbs/23_instances.ipynb #a332458a
+# %% ../nbs/23_instances.ipynb #2e346e82
 def _inputs(inp):
     "Image files of a file or folder, sorted; a clear error when there are none."
     p = Path(inp)
@@ -293,7 +293,7 @@ def _write_csv(rows, fn):
             w = csv.DictWriter(f, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
     return _atomic(save, fn)
 
-# %% ../nbs/23_instances.ipynb #0eb22a81
+# %% ../nbs/23_instances.ipynb #f2f3558a
 def count_folder(inp, # an image file or a folder of images
                  out, # folder for counts.csv, <stem>_labels.png and <stem>_outlines.png
                  predict, # function: (H,W,3) uint8 image -> (H,W) class-index mask
