@@ -164,7 +164,8 @@ def parity(model:nn.Module, path, # the model and its exported file
 def _load(model_or_ckpt):
     "(model, name, config) from a model or a segtutor checkpoint file."
     if isinstance(model_or_ckpt, nn.Module): return model_or_ckpt, _name(model_or_ckpt), {}
-    from segtutor.learner import load_model   # the checkpoint lesson's loader (imported late: it is a later module)
+    try: from segtutor.checkpoint import load_model   # lesson 14's checkpoint loader, imported when needed
+    except ImportError: from segtutor.learner import load_model   # where it lived before the course's restructure
     model, cfg = load_model(model_or_ckpt)
     return model, f"{cfg.get('model')} (from {model_or_ckpt})", cfg
 
