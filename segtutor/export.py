@@ -23,8 +23,8 @@ class ExportError(RuntimeError):
 def _need(*mods:str):
     "Raise an ImportError naming the pip command when any of the modules `mods` is missing."
     missing = [m for m in mods if importlib.util.find_spec(m) is None]
-    if missing: raise ImportError(f"ONNX export needs {', '.join(missing)}, not installed: pip install 'segtutor[export]' "
-                                  f"(or pip install onnx onnxscript onnxruntime)")
+    if missing: raise ImportError(f"ONNX export needs {', '.join(missing)}, not installed: "
+                                  "pip install 'segtutor[export]' (or pip install onnx onnxscript onnxruntime)")
 
 # %% ../nbs/24_export.ipynb #4a6ae40a
 def _floor(m:AnySize): return -(-m.min_size // m.multiple) * m.multiple   # smallest padded side (PAN: 128)
@@ -37,16 +37,20 @@ class Exportable(nn.Module):
     "`AnySize` for `torch.export`: the same padding and crop, with no branch on the input's size."
     def __init__(self, model:AnySize):
         super().__init__()
-        self.model, self.multiple, self.pad_mode, self.floor = model.model, model.multiple, model.pad_mode, _floor(model)
+        self.model, self.multiple, self.pad_mode = model.model, model.multiple, model.pad_mode
+        self.floor = _floor(model)
     def forward(self, x): # (N,C,H,W), H and W at least `min_side`
         h, w = x.shape[-2:]
         ph, pw = (-h) % self.multiple, (-w) % self.multiple
         if self.floor: ph, pw = torch.sym_max(h + ph, self.floor) - h, torch.sym_max(w + pw, self.floor) - w
         y = self.model(F.pad(x, (0, pw, 0, ph), mode=self.pad_mode))
-        return y.index_select(2, torch.arange(h, device=y.device)).index_select(3, torch.arange(w, device=y.device))
+        rows, cols = torch.arange(h, device=y.device), torch.arange(w, device=y.device)
+        return y.index_select(2, rows).index_select(3, cols)      # a crop without comparing h to the padded size
 
-# %% ../nbs/24_export.ipynb #37ca7721
-def _first(e:Exception): return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+# %% ../nbs/24_export.ipynb #2a79b6a4
+def _first(e:Exception):
+    "The exception's type and the first line of its message."
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
 
 def _name(model):
     "What messages call a model: its spec, else its class (inside `AnySize`)."
@@ -78,7 +82,8 @@ def export_program(model:nn.Module, # a `get_model` model (or any module, wrappe
             raise ExportError(f"model {name!r} does not run on a {tuple(x.shape)} input, so it cannot be exported "
                               f"with a dynamic size: {_first(e)}") from None
     side = Dim.DYNAMIC(min=min_side(m))
-    try: return torch.export.export(Exportable(m), (x,), dynamic_shapes=({0: Dim.DYNAMIC(min=1), 2: side, 3: side},))
+    dims = {0: Dim.DYNAMIC(min=1), 2: side, 3: side}
+    try: return torch.export.export(Exportable(m), (x,), dynamic_shapes=(dims,))
     except Exception as e: raise ExportError(f"model {name!r} cannot be exported by torch.export: {_first(e)}") from None
 
 # %% ../nbs/24_export.ipynb #699cbaef
@@ -145,19 +150,20 @@ def export_info(path):
     props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     return json.loads(props.get('segtutor', '{}'))
 
-# %% ../nbs/24_export.ipynb #0784c00b
+# %% ../nbs/24_export.ipynb #f127ef98
 @torch.no_grad()
-def _max_diff(m:nn.Module, path, shape):
-    "Max |Δ| between `m` and the exported file at `path` on a seeded random input of `shape`."
+def _diffs(m:nn.Module, path, shape):
+    "(max |Δ|, largest |logit|) of the exported file at `path` against `m` on a seeded random input of `shape`."
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    return float((load_exported(path)(x) - m(x)).abs().max())
+    y = m(x)
+    return float((load_exported(path)(x) - y).abs().max()), float(y.abs().max())
 
 def parity(model:nn.Module, path, # the model and its exported file
            shape=None): # input shape (default: one not used for export)
     "Max |Δ| between `model` (eager, CPU) and the exported file on a random input."
     m = _prepare(model)
     shape = tuple(shape or _shapes(m)[1])
-    try: return _max_diff(m, path, shape)
+    try: return _diffs(m, path, shape)[0]
     except Exception as e: raise ExportError(f"{path}: the exported model fails on a {shape} input: {_first(e)}") from None
 
 # %% ../nbs/24_export.ipynb #bcc94886
@@ -172,17 +178,18 @@ def _load(model_or_ckpt):
 def _meta(m:AnySize, cfg:dict):
     "What a user of the exported file needs to know: the model, its classes, the input normalisation and sizes."
     kw = getattr(m, 'spec_kwargs', None) or {}
-    return dict(spec=getattr(m, 'spec', None), n_classes=cfg.get('n_classes', kw.get('n_classes')), classes=cfg.get('classes'),
-                norm=cfg.get('norm', getattr(m, 'norm', None)), in_channels=_channels(m), multiple=m.multiple,
-                min_side=min_side(m), input='image: (batch, C, height, width) float32, normalised as `norm` says',
+    return dict(spec=getattr(m, 'spec', None), n_classes=cfg.get('n_classes', kw.get('n_classes')),
+                classes=cfg.get('classes'), norm=cfg.get('norm', getattr(m, 'norm', None)), in_channels=_channels(m),
+                multiple=m.multiple, min_side=min_side(m), input='image: (batch, C, height, width) float32, normalised as `norm` says',
                 output='logits: (batch, n_classes, height, width)')
 
 # %% ../nbs/24_export.ipynb #9901b031
 def export_model(model_or_ckpt, # a model from `get_model`, or a segtutor checkpoint file
                  out, # the file to write: .onnx (plus .onnx.data when over 2 GB) or .pt2
                  format:str|None=None, # 'onnx' or 'pt2' (default: from the suffix of `out`)
-                 check:bool=True, # compare with the model at a shape not used for export, refuse above `atol`
-                 atol:float=1e-4):
+                 check:bool=True, # compare with the model at a shape not used for export; refuse a mismatch
+                 atol:float=1e-4, # largest max |Δ| accepted ...
+                 rtol:float=1e-5): # ... or this fraction of the largest |logit| (float32 rounding of big logits)
     "Export to ONNX or `torch.export` (.pt2) with dynamic batch/H/W, check parity, write `out` atomically; a report."
     fmt = _format(format, out)
     if fmt == 'onnx': _need('onnx', 'onnxscript', 'onnxruntime')
@@ -194,19 +201,21 @@ def export_model(model_or_ckpt, # a model from `get_model`, or a segtutor checkp
     try:
         tmp = work/out.name
         try:
-            if fmt == 'pt2': torch.export.save(ep, str(tmp), extra_files={'segtutor.json': json.dumps(_meta(m, cfg))})
-            else: _write_onnx(ep, tmp, _meta(m, cfg))
+            meta = _meta(m, cfg)
+            if fmt == 'pt2': torch.export.save(ep, str(tmp), extra_files={'segtutor.json': json.dumps(meta)})
+            else: _write_onnx(ep, tmp, meta)
         except Exception as e: raise ExportError(f"model {name!r} cannot be written as {fmt}: {_first(e)}") from None
-        try: diff = _max_diff(m, tmp, shape) if check else None
+        try: diff, scale = _diffs(m, tmp, shape) if check else (None, None)
         except Exception as e:
             raise ExportError(f"model {name!r}: the {fmt} export fails on a {shape} input, a size not used for export, "
                               f"so it was not written: {_first(e)}") from None
-        if check and not diff <= atol:
-            raise ExportError(f"model {name!r}: the {fmt} export differs from the model by {diff:.3g} (> {atol}) on a "
-                              f"{shape} input, a size not used for export, so it was not written (an operation "
-                              f"whose {fmt} form fixes the example's size, such as adaptive pooling)")
+        if check and not (diff <= atol or diff <= rtol*scale):
+            raise ExportError(f"model {name!r}: the {fmt} export differs from the model by {diff:.3g} (> {atol}; "
+                              f"{diff/max(scale, 1e-30):.2g} of the largest logit, > {rtol}) on a {shape} input, a size "
+                              f"not used for export, so it was not written (an operation whose {fmt} form fixes the "
+                              f"example's size, such as adaptive pooling?)")
         files = sorted(work.iterdir(), key=lambda f: f.name == out.name)   # weights first, the model file last
         for f in files: os.replace(f, out.parent/f.name)
     finally: shutil.rmtree(work, ignore_errors=True)
-    return dict(path=out, format=fmt, model=name, max_abs_diff=diff, check_shape=shape, min_side=min_side(m),
-                files=[out.parent/f.name for f in files])
+    return dict(path=out, format=fmt, model=name, max_abs_diff=diff, max_abs_logit=scale, check_shape=shape,
+                min_side=min_side(m), files=[out.parent/f.name for f in files])
