@@ -119,7 +119,7 @@ def load_model(path, device='cpu'):
 # %% ../nbs/14_checkpoints.ipynb #c4f1e7a2
 def fresh_workers(dl:DataLoader):
     "`dl`, or a copy whose worker processes start afresh every epoch when `dl` keeps persistent workers (exact resume)."
-    if dl.num_workers == 0 or not dl.persistent_workers or dl.batch_sampler is None: return dl
+    if not isinstance(dl, DataLoader) or dl.num_workers == 0 or not dl.persistent_workers or dl.batch_sampler is None: return dl
     bs = dl.batch_sampler
     batching = (dict(sampler=bs.sampler, batch_size=bs.batch_size, drop_last=bs.drop_last) if type(bs) is BatchSampler
                 else dict(batch_sampler=bs))
