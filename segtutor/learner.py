@@ -20,8 +20,8 @@ from .losses import get_loss
 from .metrics import SegMetrics
 from .models.fcn import default_device
 from .optim import make_opt, make_sched
-from .checkpoint import (set_seed, rng_state, set_rng_state, atomic_write, save_checkpoint, load_checkpoint,
-                                 CheckpointError, fresh_workers)
+from .checkpoint import set_seed, rng_state, set_rng_state, save_checkpoint, load_checkpoint, CheckpointError
+from .checkpoint import atomic_write, fresh_workers
 from .distributed import dist_env, setup_ddp, ddp_loaders, all_sum
 
 # %% ../nbs/16_learner.ipynb #7b0ef782
