@@ -26,6 +26,8 @@ def forward_padded(model, x:torch.Tensor, # (N,3,H,W) normalised images
 def probs_to_mask(probs:torch.Tensor, # (N,C,H,W) class probabilities
                   threshold:float|None=None): # binary tasks: class 1 where its probability > threshold
     "Class-index masks (N,H,W) from probabilities: argmax, or a threshold on class 1 when given."
+    if probs.shape[1] == 1: raise ValueError("one-channel (sigmoid) output: segtutor models give one score per class, "
+                                             "2 for a binary task; threshold torch.sigmoid(logits) yourself for such a model")
     if threshold is not None and probs.shape[1] == 2: return (probs[:, 1] > threshold).long()
     return probs.argmax(1)
 
@@ -58,7 +60,10 @@ def evaluate(model, ds, # dataset of raw uint8 (image, mask) pairs, any sizes
     def flush():
         x = normalize(torch.stack([b[0] for b in batch]), norm).to(device)
         y = torch.stack([b[1] for b in batch]).to(device)
-        pred = probs_to_mask(forward(model, x).float().softmax(1), threshold)
+        logits = forward(model, x).float()
+        if logits.shape[1] != n_classes: raise ValueError(f"the model gives {logits.shape[1]} scores per pixel but n_classes is "
+                                                          f"{n_classes}: evaluate it with the classes it was trained for")
+        pred = probs_to_mask(logits.softmax(1), threshold)
         sm.update(pred, y); ious.extend(per_image_iou(pred, y, n_classes).tolist()); batch.clear()
     for i in tqdm(range(len(ds)), desc='evaluate', disable=not progress, leave=False):
         x, y = ds[i]

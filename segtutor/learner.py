@@ -7,7 +7,7 @@ __all__ = ['TrainingDiverged', 'check_loss', 'write_csv', 'plot_loss', 'plot_mio
            'in_notebook', 'LivePlot', 'Learner', 'unpack_batch']
 
 # %% ../nbs/16_learner.ipynb #f6a1b25f
-import contextlib, csv, io, json, math, os, tempfile, time
+import contextlib, csv, io, json, math, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -15,11 +15,13 @@ import torch.nn as nn
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
+from .data import IGNORE_INDEX, make_palette
 from .losses import get_loss
 from .metrics import SegMetrics
 from .models.fcn import default_device
 from .optim import make_opt, make_sched
 from .checkpoint import set_seed, rng_state, set_rng_state, save_checkpoint, load_checkpoint, CheckpointError
+from .checkpoint import atomic_write, fresh_workers
 from .distributed import dist_env, setup_ddp, ddp_loaders, all_sum
 
 # %% ../nbs/16_learner.ipynb #7b0ef782
@@ -35,12 +37,10 @@ def check_loss(loss:float, ref:float, lr:float, where:str, diverge_th:float=100.
 
 # %% ../nbs/16_learner.ipynb #8712cd8e
 def write_csv(path, history:list):
-    "Write the history (a list of dicts, one per epoch) as CSV, atomically (temp file + rename)."
+    "Write the history (a list of dicts, one per epoch) as CSV, atomically (`atomic_write`)."
     if not history: return
-    path = Path(path); fd, tmp = tempfile.mkstemp(dir=path.parent, suffix='.tmp')
-    with os.fdopen(fd, 'w', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0])); w.writeheader(); w.writerows(history)
-    os.replace(tmp, path)
+    f = io.StringIO(); w = csv.DictWriter(f, fieldnames=list(history[0])); w.writeheader(); w.writerows(history)
+    atomic_write(path, f.getvalue())
 
 def plot_loss(ax, history:list, recorder:dict|None=None):
     "Train loss (per batch, smoothed, when `recorder` is given) and train/valid loss per epoch, on a log scale."
@@ -86,7 +86,7 @@ def save_curves(out, history:list, recorder:dict|None=None):
     if not history: return
     for name, draw in (('loss', lambda ax: plot_loss(ax, history, recorder)), ('miou', lambda ax: plot_miou(ax, history))):
         fig = Figure(figsize=(4.5, 3)); draw(fig.subplots()); fig.tight_layout()
-        (Path(out)/f'{name}.png').write_bytes(_png(fig))
+        atomic_write(Path(out)/f'{name}.png', _png(fig))
 
 def in_notebook():
     "True inside a Jupyter kernel (including Colab), False in scripts, tests and plain IPython."
@@ -103,6 +103,19 @@ class LivePlot:
         img = Image(data=curves_png(history, recorder), format='png')
         if self.handle is None: self.handle = display(img, display_id=True)
         else: self.handle.update(img)
+
+# %% ../nbs/16_learner.ipynb #c16a0001
+def _check_classes(n_classes:int, dls, model):
+    "Refuse a number of classes that disagrees with the data's class names or the model's spec, or one-channel binary."
+    if n_classes < 2: raise ValueError(f"n_classes={n_classes}: segtutor trains one output channel per class, so a binary "
+                                       "task has n_classes=2 (background, object) and a two-channel model (lesson 11)")
+    names = getattr(dls, 'classes', None)
+    if names and len(names) != n_classes:
+        raise ValueError(f"n_classes={n_classes} but the data have {len(names)} classes ({', '.join(map(str, names))})")
+    built = (getattr(model, 'spec_kwargs', None) or {}).get('n_classes')
+    if built is not None and built != n_classes:
+        raise ValueError(f"the model was built for {built} classes (get_model(..., n_classes={built})) but the data have "
+                         f"{n_classes}: build it with n_classes={n_classes}")
 
 # %% ../nbs/16_learner.ipynb #a85c03e7
 class Learner:
@@ -136,6 +149,7 @@ class Learner:
         self.amp = self.device.type == 'cuda' if amp is None else bool(amp)
         self.n_classes = n_classes or getattr(dls, 'n_classes', None) or (getattr(model, 'spec_kwargs', None) or {}).get('n_classes')
         if not self.n_classes: raise ValueError("cannot tell the number of classes: pass n_classes= or loaders with .classes")
+        _check_classes(self.n_classes, dls, model)
         self.loss_name = loss_func if isinstance(loss_func, str) else type(loss_func).__name__
         self.loss_func = get_loss(loss_func, self.n_classes) if isinstance(loss_func, str) else loss_func
         if isinstance(self.loss_func, nn.Module): self.loss_func.to(self.device)
@@ -143,6 +157,7 @@ class Learner:
         self.progress, self.live = progress and self.is_main, (in_notebook() if live_plot is None else live_plot) and self.is_main
         self.config = self._make_config(config)
         self.history, self.recorder, self.epoch, self.epochs = [], dict(lr=[], loss=[]), 0, 0
+        self.best, self.bad, self._ref, self.start = -math.inf, 0, None, 0
 
     @property
     def is_main(self): return self.rank == 0
@@ -152,19 +167,21 @@ def _setup_model(self, model):
     model.to(self.device)
     if self.channels_last: model.to(memory_format=torch.channels_last)
     self.raw_model = self.model = model
-    self.train_dl, self.valid_dl = self.dls.train, self.dls.valid
+    self.train_dl, self.valid_dl = fresh_workers(self.dls.train), self.dls.valid
     if self.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         self.model = DDP(model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
-        self.train_dl, self.valid_dl = ddp_loaders(self.dls, self.rank, self.world, self.seed)
+        train, self.valid_dl = ddp_loaders(self.dls, self.rank, self.world, self.seed)
+        self.train_dl = fresh_workers(train)
 Learner._setup_model = _setup_model
 
 # %% ../nbs/16_learner.ipynb #34eab80a
 def _make_config(self, config):
     m, dls = self.raw_model, self.dls
     classes = list(getattr(dls, 'classes', None) or [str(i) for i in range(self.n_classes)])
+    palette = [[int(v) for v in c] for c in (getattr(dls, 'palette', None) or make_palette(self.n_classes))[:self.n_classes]]
     cfg = dict(model=getattr(m, 'spec', None), model_kwargs=dict(getattr(m, 'spec_kwargs', None) or {}), n_classes=self.n_classes,
-               classes=classes, norm=getattr(dls, 'norm', None) or getattr(m, 'norm', None) or 'per_image', img_size=getattr(dls, 'size', None),
+               classes=classes, palette=palette, norm=getattr(dls, 'norm', None) or getattr(m, 'norm', None) or 'per_image', img_size=getattr(dls, 'size', None),
                loss=self.loss_name, opt=self.opt_name if isinstance(self.opt_name, str) else getattr(self.opt_name, '__name__', 'custom'),
                lr=self.lr, wd=self.wd, sched=self.sched_name, bs=self.dls.train.batch_size, seed=self.seed, amp=self.amp,
                channels_last=self.channels_last, grad_clip=self.grad_clip, world_size=self.world)
@@ -179,21 +196,54 @@ def _autocast(self):
     if not self.amp: return contextlib.nullcontext()
     return torch.autocast(self.device.type, dtype=torch.float16 if self.device.type == 'cuda' else torch.bfloat16)
 
+def _max_all(self, *vs:float):
+    "The largest of each value over all processes (NaN counts as +inf), the same on every process; `vs` without DDP."
+    if self.world == 1: return list(vs)
+    t = torch.tensor([math.inf if math.isnan(v) else v for v in vs], dtype=torch.float64, device=self.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+def _check_batch(self, out, yb):
+    "First batch of a fit: one output channel per class, at the masks' height and width."
+    if out.shape[1] != self.n_classes:
+        raise ValueError(f"the model gives {out.shape[1]} output channels but there are {self.n_classes} classes "
+                         f"({', '.join(self.config['classes'])}): build it with n_classes={self.n_classes}")
+    if out.shape[-2:] != yb.shape[-2:]:
+        raise ValueError(f"the model's output is {tuple(out.shape[-2:])} (H, W) but the masks are {tuple(yb.shape[-2:])}")
+
+def _mask_flags(self, yb):
+    "(any labelled pixel, any value that is no class) of a batch of masks, with one device synchronisation."
+    keep = yb != IGNORE_INDEX
+    return torch.stack([keep.any(), (keep & ((yb < 0) | (yb >= self.n_classes))).any()]).tolist()
+Learner._autocast, Learner._max_all, Learner._check_batch, Learner._mask_flags = _autocast, _max_all, _check_batch, _mask_flags
+
+# %% ../nbs/16_learner.ipynb #c16a0002
 def _step(self, xb, yb, where:str):
-    "One optimisation step on a batch; returns the loss as a float."
-    with self._autocast(): loss = self.loss_func(self.model(xb), yb)
+    "One optimisation step on a batch; returns its loss, or None when every pixel of the batch is ignored."
+    labelled, bad = self._mask_flags(yb)
+    with self._autocast():
+        out = self.model(xb)
+        if not self._checked: self._check_batch(out, yb); self._checked = True
+        use = labelled and not bad                        # else: zero loss and gradient (nothing to learn, or bad masks)
+        loss = self.loss_func(out, yb) if use else out.float().sum()*0
     l, lr = loss.item(), self.opt.param_groups[0]['lr']
-    if self._ref is None: self._ref = l
-    check_loss(l, self._ref, lr, where, self.diverge_th)
+    worst, any_bad = self._max_all(l if use else -math.inf, float(bad))    # every process stops, or none does
+    if any_bad:
+        vals = yb[(yb != IGNORE_INDEX) & ((yb < 0) | (yb >= self.n_classes))].unique().tolist()
+        raise ValueError(f"mask values {vals[:10] if vals else '(on another process)'} outside the classes 0..{self.n_classes-1} "
+                         f"(255 = ignore) at {where}: check n_classes or the masks")
+    if worst != -math.inf:
+        if self._ref is None: self._ref = worst
+        check_loss(worst, self._ref, lr, where, self.diverge_th)
     self.opt.zero_grad(set_to_none=True)
     self.scaler.scale(loss).backward()
     if self.grad_clip:
         self.scaler.unscale_(self.opt); nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
     self.scaler.step(self.opt); self.scaler.update()
-    self.recorder['lr'].append(lr); self.recorder['loss'].append(l)
+    if use: self.recorder['lr'].append(lr); self.recorder['loss'].append(l)
     if self.sched_per == 'batch': self.sched.step()
-    return l
-Learner._autocast, Learner._step = _autocast, _step
+    return l if use else None
+Learner._step = _step
 
 # %% ../nbs/16_learner.ipynb #d02f241f
 def unpack_batch(b):
@@ -219,8 +269,8 @@ def _train_epoch(self, epoch:int):
     for i, b in enumerate(bar):
         xb, yb = self._prep(b)
         if self.config.get('img_size') is None: self.config['img_size'] = list(xb.shape[-2:])
-        tot += self._step(xb, yb, f'epoch {epoch+1}, batch {i+1}')*len(xb); n += len(xb)
-        bar.set_postfix(loss=f'{tot/n:.4f}')
+        l = self._step(xb, yb, f'epoch {epoch+1}, batch {i+1}')
+        if l is not None: tot += l*len(xb); n += len(xb); bar.set_postfix(loss=f'{tot/n:.4f}')
     if self.sched_per == 'epoch': self.sched.step()
     if self.world > 1:
         tot, n = all_sum(self.device, tot, n)
@@ -238,7 +288,8 @@ def _validate(self, dl=None):
     for b in dl:
         xb, yb = self._prep(b)
         with self._autocast(): out = model(xb)
-        out = out.float(); tot += self.loss_func(out, yb).item()*len(xb); n += len(xb); sm.update(out, yb)
+        out = out.float(); sm.update(out, yb)
+        if (yb != IGNORE_INDEX).any(): tot += self.loss_func(out, yb).item()*len(xb); n += len(xb)
     if self.world > 1:
         tot, n = all_sum(self.device, tot, n)
         sm.cm = sm.cm.to(self.device); dist.all_reduce(sm.cm)
@@ -247,17 +298,25 @@ def _validate(self, dl=None):
 Learner.validate = _validate
 
 # %% ../nbs/16_learner.ipynb #e5e4dddb
-def _checkpoint(self):
+def _checkpoint(self, rngs:list|None=None): # every process's `rng_state`, in rank order (default: this process's)
     "Everything needed to continue this run or rebuild its model, as a weights-only-loadable dict."
+    rngs = rngs or [rng_state(self.train_dl)]
     return dict(model=self.raw_model.state_dict(), optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
-                scaler=self.scaler.state_dict(), epoch=self.epoch, epochs=self.epochs, rng=rng_state(self.train_dl),
-                history=self.history, recorder=self.recorder, best_miou=self.best, bad_epochs=self.bad, ref_loss=self._ref,
-                config=self.config)
+                scaler=self.scaler.state_dict(), epoch=self.epoch, epochs=self.epochs, start=self.start, rng=rngs[0],
+                **({'rng_ranks': rngs} if len(rngs) > 1 else {}), history=self.history, recorder=self.recorder,
+                best_miou=self.best, bad_epochs=self.bad, ref_loss=self._ref, config=self.config)
 
-def _save(self, path):
-    "Save `checkpoint()` atomically to `path` (rank 0 only)."
-    if self.is_main: return save_checkpoint(path, self.checkpoint())
-Learner.checkpoint, Learner.save = _checkpoint, _save
+def _save(self, path, rngs:list|None=None):
+    "Save `checkpoint(rngs)` atomically to `path` (rank 0 only)."
+    if self.is_main: return save_checkpoint(path, self.checkpoint(rngs))
+
+def _rng_states(self):
+    "Every process's random states, in rank order (under DDP a collective: every rank calls it)."
+    s = rng_state(self.train_dl)
+    if self.world == 1: return [s]
+    out = [None]*self.world; dist.all_gather_object(out, s)
+    return out
+Learner.checkpoint, Learner.save, Learner._rng_states = _checkpoint, _save, _rng_states
 
 # %% ../nbs/16_learner.ipynb #ea47f924
 def _after_epoch(self, rec:dict, target_miou=None):
@@ -266,8 +325,9 @@ def _after_epoch(self, rec:dict, target_miou=None):
     improved = rec['miou'] > self.best
     self.best, self.bad = (rec['miou'], 0) if improved else (self.best, self.bad + 1)
     if self.out is not None:   # checkpoints first: the CSV never lists an epoch that last.pt does not hold
-        if improved: self.save(self.out/'best.pt')
-        self.save(self.out/'last.pt')
+        rngs = self._rng_states()
+        if improved: self.save(self.out/'best.pt', rngs)
+        self.save(self.out/'last.pt', rngs)
     if self.is_main: self._log(rec)
     if target_miou is not None and rec['miou'] >= target_miou: self.stopped = f"reached mIoU {rec['miou']:.4f} >= {target_miou}"
     elif self.patience is not None and self.bad >= self.patience: self.stopped = f"no better mIoU for {self.patience} epochs"
@@ -292,9 +352,7 @@ def _start_logs(self):
         if self.tensorboard and self.is_main: raise ValueError("tensorboard=True needs a run folder: pass out=")
         return
     self.out.mkdir(parents=True, exist_ok=True)
-    fd, tmpf = tempfile.mkstemp(dir=self.out, suffix='.tmp')
-    with os.fdopen(fd, 'w') as f: json.dump(self.config, f, indent=2)
-    os.replace(tmpf, self.out/'config.json')
+    atomic_write(self.out/'config.json', json.dumps(self.config, indent=2))
     if self.tensorboard:
         try: from torch.utils.tensorboard import SummaryWriter
         except ImportError: raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from None
@@ -308,20 +366,22 @@ Learner._start_logs, Learner._end_logs = _start_logs, _end_logs
 
 # %% ../nbs/16_learner.ipynb #4eddbed8
 def _setup_training(self, epochs:int):
-    self.epochs = epochs
+    "Optimiser, schedule and grad scaler for `epochs` epochs starting at epoch `self.start`."
+    self.epochs = self.start + epochs
     self.opt = make_opt(self.opt_name, self.raw_model.parameters(), self.lr, self.wd)
     self.sched, self.sched_per = make_sched(self.sched_name, self.opt, self.lr, epochs, len(self.train_dl), **self.sched_kw)
     self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == 'cuda')
-    self.config.update(epochs=epochs, lr=self.lr)
-    self.stopped = None
+    self.config.update(epochs=self.epochs, lr=self.lr)
+    self.stopped, self._checked = None, False
 
 def _fit(self, epochs:int, lr:float|None=None, target_miou:float|None=None):
-    "Train for `epochs` epochs (stopping early at `target_miou` or after `patience` bad epochs); returns the history."
+    "Train `epochs` more epochs (stopping early at `target_miou` or after `patience` bad epochs); returns the history."
     if lr is not None: self.lr = lr
-    set_seed(self.seed + self.rank)
-    if getattr(self.train_dl, 'generator', None) is not None: self.train_dl.generator.manual_seed(self.seed)
+    if not self.history:                                 # a new run; a second `fit` continues this one
+        set_seed(self.seed + self.rank)
+        if getattr(self.train_dl, 'generator', None) is not None: self.train_dl.generator.manual_seed(self.seed)
+    self.start, self.bad, self._ref = self.epoch, 0, None
     self._setup_training(epochs)
-    self.history, self.recorder, self.epoch, self.best, self.bad, self._ref = [], dict(lr=[], loss=[]), 0, -math.inf, 0, None
     return self._run(target_miou)
 Learner._setup_training, Learner.fit = _setup_training, _fit
 
@@ -346,8 +406,8 @@ Learner._run = _run
 def _resume(self, path, target_miou:float|None=None):
     "Continue the run saved in checkpoint `path` (usually `out/last.pt`) up to its planned number of epochs."
     ck = load_checkpoint(path)
-    self.lr = ck['config'].get('lr', self.lr)
-    self._setup_training(ck['epochs'])
+    self.lr, self.start = ck['config'].get('lr', self.lr), ck.get('start', 0)
+    self._setup_training(ck['epochs'] - self.start)
     try:
         self.raw_model.load_state_dict(ck['model']); self.opt.load_state_dict(ck['optimizer']); self.sched.load_state_dict(ck['scheduler'])
     except (RuntimeError, ValueError, KeyError) as e:
@@ -355,6 +415,9 @@ def _resume(self, path, target_miou:float|None=None):
     if self.scaler.is_enabled() and ck.get('scaler'): self.scaler.load_state_dict(ck['scaler'])
     self.epoch, self.history, self.recorder = ck['epoch'], list(ck['history']), ck.get('recorder') or dict(lr=[], loss=[])
     self.best, self.bad, self._ref = ck['best_miou'], ck['bad_epochs'], ck['ref_loss']
-    set_rng_state(ck['rng'], self.train_dl)
+    rngs = ck.get('rng_ranks') or [ck['rng']]
+    if len(rngs) != self.world: warnings.warn(f"{path}: saved by {len(rngs)} processes, resumed by {self.world}: "
+                                              "the random states cannot be restored exactly")
+    set_rng_state(rngs[self.rank] if len(rngs) == self.world else rngs[0], self.train_dl)
     return self._run(target_miou)
 Learner.resume = _resume

@@ -10,16 +10,27 @@ import math
 import torch
 
 # %% ../nbs/12_metrics.ipynb #95972fcc
+def _labels(preds, targs, n_classes:int, ignore_index:int):
+    "Kept (targets, predicted labels, keep mask), after checking that shapes, channels and values agree with `n_classes`."
+    if preds.ndim == targs.ndim + 1:
+        if preds.shape[1] != n_classes:
+            one = ': threshold a one-channel (sigmoid) output into labels first, or give the model 2 channels' if preds.shape[1] == 1 else ''
+            raise ValueError(f"predictions have {preds.shape[1]} channels but n_classes is {n_classes}{one}")
+        preds = preds.argmax(1)
+    if preds.shape != targs.shape: raise ValueError(f"predictions {tuple(preds.shape)} and targets {tuple(targs.shape)} differ in shape")
+    keep = targs != ignore_index
+    t, p = targs[keep].long(), preds[keep].long()
+    for what, v in (('target', t), ('predicted', p)):
+        out = (v < 0) | (v >= n_classes)
+        if out.any(): raise ValueError(f"{what} values {v[out].unique().tolist()[:10]} outside 0..{n_classes-1}"
+                                       + (f" (and {ignore_index} = ignore)" if what == 'target' else ''))
+    return t, p, keep
+
 def confusion_matrix(preds:torch.Tensor, # (N,C,H,W) logits/probabilities or (N,H,W) predicted labels
                      targs:torch.Tensor, # (N,H,W) true labels, `ignore_index` = skip
                      n_classes:int, ignore_index:int=255):
     "Confusion matrix (C,C) int64: rows are true classes, columns predicted classes; ignored pixels left out."
-    if preds.ndim == targs.ndim + 1: preds = preds.argmax(1)
-    if preds.shape != targs.shape: raise ValueError(f"predictions {tuple(preds.shape)} and targets {tuple(targs.shape)} differ in shape")
-    keep = targs != ignore_index
-    t, p = targs[keep].long(), preds[keep].long()
-    if t.numel() and (t.min() < 0 or t.max() >= n_classes):
-        raise ValueError(f"target values {t.unique().tolist()[:10]} outside 0..{n_classes-1} (and {ignore_index} = ignore)")
+    t, p, _ = _labels(preds, targs, n_classes, ignore_index)
     return torch.bincount(t*n_classes + p, minlength=n_classes**2).reshape(n_classes, n_classes)
 
 # %% ../nbs/12_metrics.ipynb #036f00e7
@@ -60,12 +71,10 @@ def per_image_cm(preds:torch.Tensor, # (N,C,H,W) logits or (N,H,W) labels
                  targs:torch.Tensor, # (N,H,W) true labels
                  n_classes:int, ignore_index:int=255):
     "One confusion matrix per image, (N,C,C) int64."
-    if preds.ndim == targs.ndim + 1: preds = preds.argmax(1)
+    t, p, keep = _labels(preds, targs, n_classes, ignore_index)
     n, C = targs.shape[0], n_classes
     img = torch.arange(n, device=targs.device).view(-1, *[1]*(targs.ndim-1)).expand_as(targs)
-    keep = targs != ignore_index
-    idx = img[keep]*C*C + targs[keep].long()*C + preds[keep].long()
-    return torch.bincount(idx, minlength=n*C*C).reshape(n, C, C)
+    return torch.bincount(img[keep]*C*C + t*C + p, minlength=n*C*C).reshape(n, C, C)
 
 def per_image_iou(preds:torch.Tensor, # (N,C,H,W) logits or (N,H,W) labels
                   targs:torch.Tensor, # (N,H,W) true labels

@@ -89,12 +89,19 @@ def model_parts(model:nn.Module):
 # %% ../../nbs/10_zoo.ipynb #fce97c25
 def _norms(module): return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
 
+def _keep_eval(bn, args):
+    "Forward pre-hook of a frozen batch norm: run with the running statistics, whatever `model.train()` said."
+    bn.training = False
+
 def _set_frozen(model, parts, frozen):
     ps, parts = model_parts(model), parts or PARTS
     if set(parts) - set(ps): raise ValueError(f'unknown parts {sorted(set(parts) - set(ps))}; use {PARTS}')
     for p in parts:
         ps[p].requires_grad_(not frozen)
-        for bn in _norms(ps[p]): bn.train(model.training and not frozen)
+        for bn in _norms(ps[p]):
+            for k in [k for k, h in bn._forward_pre_hooks.items() if h is _keep_eval]: del bn._forward_pre_hooks[k]
+            if frozen: bn.register_forward_pre_hook(_keep_eval)
+            bn.train(model.training and not frozen)
         if isinstance(model, AnySize): (model.frozen.add if frozen else model.frozen.discard)(p)
     return model
 
@@ -106,14 +113,6 @@ def freeze(model:nn.Module, *parts:str):
 def unfreeze(model:nn.Module, *parts:str):
     "Train `parts` again (default all)."
     return _set_frozen(model, parts, False)
-
-def _train(self, mode:bool=True):
-    "`nn.Module.train`, keeping the batch norms of frozen parts in evaluation mode."
-    nn.Module.train(self, mode)
-    for p in self.frozen:
-        for bn in _norms(model_parts(self)[p]): bn.eval()
-    return self
-AnySize.train = _train
 
 # %% ../../nbs/10_zoo.ipynb #82900c6e
 class WeightsUnavailable(RuntimeError):
