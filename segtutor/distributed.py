@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['dist_env', 'setup_ddp', 'ddp_loaders', 'all_sum']
 
-# %% ../nbs/15_distributed.ipynb #b86c268e
+# %% ../nbs/15_distributed.ipynb #75d3dece
 import os
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from .models.fcn import default_device
 
-# %% ../nbs/15_distributed.ipynb #964ea21d
+# %% ../nbs/15_distributed.ipynb #0ee916dc
 def dist_env():
     "(rank, world size, local rank) from torchrun's environment variables; (0, 1, 0) when not distributed."
     return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('LOCAL_RANK', 0))
@@ -39,7 +39,7 @@ def ddp_loaders(dls, rank:int, world:int, seed:int=0):
     valid = _reload(dls.valid, dataset=Subset(dls.valid.dataset, range(rank, len(dls.valid.dataset), world)))
     return train, valid
 
-# %% ../nbs/15_distributed.ipynb #cf802dc4
+# %% ../nbs/15_distributed.ipynb #2070dec7
 def all_sum(device, *xs):
     "Sum numbers over all processes; returns them as a list of floats."
     t = torch.tensor(xs, dtype=torch.float64, device=device)
