@@ -120,6 +120,13 @@ def _add_model_args(p):
     for part in ('encoder', 'decoder', 'head'):
         p.add_argument(f'--freeze-{part}', action='store_true', help=f"do not train the {part}")
 
+def _add_engine_args(p):
+    p.add_argument('--engine', default='segtutor', choices=['segtutor', 'lightning'],
+                   help="training loop: segtutor's Learner (default) or PyTorch Lightning (needs segtutor[lightning]; lesson 18)")
+    p.add_argument('--devices', type=int, default=1, help="lightning: processes (GPUs) per machine, -1 = all (default 1)")
+    p.add_argument('--num-nodes', type=int, default=1, help="lightning: machines, each started by torchrun or srun (default 1)")
+    p.add_argument('--strategy', default='auto', help="lightning: ddp, ddp_spawn, fsdp, ... (default auto: ddp for several processes)")
+
 # %% ../nbs/25_cli.ipynb #6416e960
 def build_parser():
     "The `segtutor` argument parser with its subcommands."
@@ -145,6 +152,7 @@ def build_parser():
     p.add_argument('--patience', type=int, default=None, help="early stopping patience in epochs")
     p.add_argument('--resume', action='store_true', help="continue a killed run from RUN_DIR/last.pt up to its planned epochs")
     p.add_argument('--tensorboard', action='store_true', help="also log to RUN_DIR/tb")
+    _add_engine_args(p)
     p = sub.add_parser('lr-find', help="learning-rate range test"); _add_data_args(p); _add_model_args(p)
     p.add_argument('--out', default='.', help="folder for lr_find.png"); p.add_argument('--loss', default='ce', choices=LOSSES)
     p.add_argument('--num-it', type=int, default=100); p.add_argument('--start-lr', type=float, default=1e-7); p.add_argument('--end-lr', type=float, default=10)
@@ -213,7 +221,8 @@ def _save_lr_plot(res, out):
     "Write the range test's plot to `out/lr_find.png`."
     import matplotlib; matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
-    ax = res.plot(); ax.figure.savefig(Path(out)/'lr_find.png', dpi=90, bbox_inches='tight'); plt.close(ax.figure)
+    ax = res.plot(); tmpf = Path(out)/f'.lr_find.{os.getpid()}.png'       # atomic: several processes may write it
+    ax.figure.savefig(tmpf, dpi=90, bbox_inches='tight'); plt.close(ax.figure); os.replace(tmpf, Path(out)/'lr_find.png')
 
 def cmd_train(a):
     "Train a model on a data spec; checkpoints and logs go to `--out`."
@@ -221,6 +230,7 @@ def cmd_train(a):
     from segtutor.learner import Learner
     torch.manual_seed(a.seed)
     device = _device(a.device)
+    if a.engine == 'lightning': _check_lightning(a, device)
     train_ds, valid_ds, classes = load_data(a.data, a.num_classes, a.mask_suffix, a.valid_pct, a.seed, a.n_train, a.n_valid,
                                             a.img_size, a.binary)
     dls, model, loss, norm = _build(a, train_ds, valid_ds, classes, device)
@@ -234,12 +244,40 @@ def cmd_train(a):
     config = dict(model=a.model, model_kwargs=getattr(model, 'spec_kwargs', {}), n_classes=len(classes), classes=list(classes),
                   norm=norm, img_size=a.img_size, data=a.data, loss=a.loss, lr=lr, scheduler=a.scheduler, epochs=a.epochs,
                   batch_size=a.batch_size, wd=a.wd, seed=a.seed, weights=a.weights)
+    if a.engine == 'lightning': return _train_lightning(a, model, dls, loss, lr, device, out, config)
     learn = Learner(model, dls, loss, lr=lr, wd=a.wd, sched=a.scheduler, device=device, amp=a.amp or None,
                     channels_last=a.channels_last, out=out, config=config, patience=a.patience, seed=a.seed,
                     tensorboard=a.tensorboard)
     hist = learn.resume(out/'last.pt') if a.resume else learn.fit(a.epochs)
     best = max((h['miou'] for h in hist if h.get('miou') is not None and not math.isnan(h['miou'])), default=float('nan'))
     print(f"done: {len(hist)} epochs, best validation mIoU {best:.4f}; checkpoints in {out}")
+
+# %% ../nbs/25_cli.ipynb #69d69e4f
+def _check_lightning(a, device):
+    "Fail early, in one line: Lightning missing, more `--devices` than here, an unknown `--strategy`, nodes without a launcher."
+    try: from segtutor.lightning import check_devices, on_cluster
+    except ImportError as e: raise CLIError(f"--engine lightning: {e}") from None
+    from lightning.pytorch.strategies import StrategyRegistry
+    try: check_devices(device.type, a.devices)
+    except ValueError as e: raise CLIError(f"--devices {a.devices}: {str(e).split(': ', 1)[-1]}") from None
+    if a.strategy != 'auto' and a.strategy not in StrategyRegistry:
+        raise CLIError(f"--strategy {a.strategy!r}: not a Lightning strategy (e.g. ddp, ddp_spawn, fsdp)")
+    if a.num_nodes > 1 and not on_cluster():
+        raise CLIError(f"--num-nodes {a.num_nodes}: start this command on every machine with torchrun or srun (lesson 18)")
+
+def _train_lightning(a, model, dls, loss, lr, device, out, config):
+    "`train --engine lightning`: the same data, model, loss, schedule and run folder, on `--devices` x `--num-nodes` processes."
+    from segtutor.lightning import LightningLearner
+    amp = False if getattr(a, 'no_amp', False) else (a.amp or None)
+    learn = LightningLearner(model, dls, loss, lr=lr, wd=a.wd, sched=a.scheduler, device=device, amp=amp,
+                             channels_last=a.channels_last, grad_clip=getattr(a, 'grad_clip', None), out=out, config=config,
+                             patience=a.patience, seed=a.seed, tensorboard=a.tensorboard, devices=a.devices,
+                             num_nodes=a.num_nodes, strategy=a.strategy)
+    hist = learn.resume(out/'last.pt') if a.resume else learn.fit(a.epochs)
+    if not learn.is_main: return
+    best = max((h['miou'] for h in hist if h.get('miou') is not None and not math.isnan(h['miou'])), default=float('nan'))
+    print(f"done: {len(hist)} epochs on {learn.world} process{'' if learn.world == 1 else 'es'} (Lightning), "
+          f"best validation mIoU {best:.4f}; checkpoints in {out}")
 
 # %% ../nbs/25_cli.ipynb #9f631da8
 def cmd_lr_find(a):

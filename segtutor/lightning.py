@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SegModule', 'lightning_quiet', 'to_segtutor', 'SegCheckpointIO', 'RunCheckpoint', 'SegData', 'RunFolder',
-           'device_count', 'check_devices', 'precision_for', 'LightningLearner']
+           'device_count', 'check_devices', 'on_cluster', 'precision_for', 'LightningLearner']
 
 # %% ../nbs/18_lightning.ipynb #1f91ad7e
 import contextlib, json, logging, math, os, tempfile, time, warnings
@@ -260,6 +260,11 @@ def check_devices(accelerator:str, devices:int):
     if devices < 1 and devices != -1: raise ValueError(f"devices={devices}: give a number of devices per machine (or -1 for all)")
     raise ValueError(f"devices={devices}: this machine has {n} {what}{'' if n == 1 else 's'}")
 
+def on_cluster():
+    "True when a launcher placed this process in a multi-machine run: torchrun, SLURM, LSF, or NODE_RANK set by hand."
+    from lightning.fabric.plugins.environments import LSFEnvironment, SLURMEnvironment, TorchElasticEnvironment
+    return 'NODE_RANK' in os.environ or any(E.detect() for E in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment))
+
 def precision_for(accelerator:str, amp:bool|None=None):
     "Lightning's `precision` for segtutor's `amp`: '16-mixed' on CUDA (the default there), 'bf16-mixed' elsewhere, or '32-true'."
     if amp is None: amp = accelerator == 'cuda'
@@ -284,6 +289,7 @@ class LightningLearner:
         self.progress, self.tensorboard, self.grad_clip, self.trainer = progress, tensorboard, grad_clip, None
         self.accelerator = default_device(device).type
         self.devices, self.num_nodes, self.strategy = check_devices(self.accelerator, devices), num_nodes, strategy
+        if num_nodes > 1 and not on_cluster(): raise ValueError(f"num_nodes={num_nodes}: start the run on every machine with torchrun or srun")
         self.precision = precision_for(self.accelerator, amp)
         n_classes = n_classes or getattr(dls, 'n_classes', None)
         self.module = SegModule(model, loss_func, n_classes, lr, opt, wd, sched, sched_kw, channels_last, seed, diverge_th=diverge_th)
