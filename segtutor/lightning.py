@@ -28,7 +28,7 @@ except ImportError as e:
 
 # %% ../nbs/18_lightning.ipynb #1c5388ba
 class SegModule(L.LightningModule):
-    "A `LightningModule` around any segmentation model and loss: segtutor's steps, metrics, optimiser and schedule."
+    "A `LightningModule` around any segmentation model and loss: segtutor's steps, metrics, optimiser, schedule."
     def __init__(self, model:nn.Module,  # outputs (N,C,H,W) logits
                  loss_func='ce',          # a `get_loss` name or a callable(logits, targets)
                  n_classes:int|None=None, # default: from the model's spec
@@ -43,8 +43,8 @@ class SegModule(L.LightningModule):
         self.loss_func = get_loss(loss_func, self.n_classes) if isinstance(loss_func, str) else loss_func
         self.lr, self.opt_name, self.wd, self.sched_name, self.sched_kw = lr, opt, wd, sched, sched_kw or {}
         self.channels_last, self.seed, self.diverge_th = channels_last, seed, diverge_th
-        self.config = {'model': getattr(model, 'spec', None), 'model_kwargs': dict(getattr(model, 'spec_kwargs', None) or {}),
-                       'n_classes': self.n_classes, **(config or {})}
+        spec = dict(model=getattr(model, 'spec', None), model_kwargs=dict(getattr(model, 'spec_kwargs', None) or {}))
+        self.config = {**spec, 'n_classes': self.n_classes, **(config or {})}
         self.history, self.recorder, self.ref_loss, self.valid_metrics = [], dict(lr=[], loss=[]), None, None
         self._rng, self._train = None, [0., 0]
 
@@ -62,7 +62,7 @@ def _lr_now(self):
     return opts[0].param_groups[0]['lr'] if opts else self.lr
 
 def _training_step(self, batch, batch_idx):
-    "Forward and loss of one batch; Lightning then runs backward, the optimiser step and a per-batch schedule step."
+    "Forward and loss of one batch; Lightning then runs backward, the optimiser and a per-batch schedule step."
     xb, yb = self._prep(batch)
     loss = self.loss_func(self(xb), yb)
     l, lr = loss.item(), self._lr_now()
@@ -92,12 +92,14 @@ def _validation_step(self, batch, batch_idx):
 def _sum(self, *xs):
     "Sum numbers over all processes (unchanged in a single process)."
     if self.trainer.world_size == 1: return list(xs)
-    return self.trainer.strategy.reduce(torch.tensor(xs, dtype=torch.float64, device=self.device), reduce_op='sum').tolist()
-SegModule.on_validation_epoch_start, SegModule.validation_step, SegModule._sum = _on_validation_epoch_start, _validation_step, _sum
+    t = torch.tensor(xs, dtype=torch.float64, device=self.device)
+    return self.trainer.strategy.reduce(t, reduce_op='sum').tolist()
+SegModule.on_validation_epoch_start, SegModule.validation_step = _on_validation_epoch_start, _validation_step
+SegModule._sum = _sum
 
 # %% ../nbs/18_lightning.ipynb #409d40c8
 def _on_validation_epoch_end(self):
-    "Metrics of the whole validation set (all processes), logged; during `fit`, also the epoch's row of the history."
+    "Metrics of the whole validation set (all processes), logged; during `fit`, also the history's row."
     if self.trainer.sanity_checking: return
     cm = self.trainer.strategy.reduce(self._cm, reduce_op='sum') if self.trainer.world_size > 1 else self._cm
     vl, vn, tl, tn = self._sum(*self._valid, *self._train)
@@ -105,7 +107,8 @@ def _on_validation_epoch_end(self):
     self.valid_metrics = dict(valid_loss=vl/max(vn, 1), **m)
     rec = dict(valid_loss=vl/max(vn, 1), pixel_accuracy=m['pixel_accuracy'], miou=m['miou'])
     if self.trainer.state.fn == 'fit':
-        rec = dict(epoch=self.current_epoch+1, train_loss=tl/max(tn, 1), **rec, lr=self._lr_now(), time=time.perf_counter() - self._t0)
+        rec = dict(epoch=self.current_epoch+1, train_loss=tl/max(tn, 1), **rec, lr=self._lr_now(),
+                   time=time.perf_counter() - self._t0)
         self.history.append(rec)
     self.log_dict({k: float(v) for k, v in rec.items() if k != 'epoch'}, sync_dist=True)
 SegModule.on_validation_epoch_end = _on_validation_epoch_end
@@ -115,13 +118,14 @@ _NOISE = [r'.*does not have many workers', r'.*exists and is not empty', r'.*tre
           r'.*smaller than the logging interval']
 
 class _NoTips(logging.Filter):
-    def filter(self, record): return not any(w in record.getMessage() for w in ('litlogger', 'litmodels', 'Tip:'))
+    def filter(self, record): return not any(w in record.getMessage() for w in ('litlogger', 'litmodels', 'Tip'))
 
 @contextlib.contextmanager
 def lightning_quiet(info:bool=False): # keep Lightning's start-up lines (devices, processes, restored states)
     "Hide Lightning's tips and the warnings that do not apply to segtutor runs, and its info lines unless `info`."
     logs = [logging.getLogger(n) for n in ('lightning.pytorch', 'lightning.fabric')]
-    levels, tips, rz = [g.level for g in logs], _NoTips(), logging.getLogger('lightning.pytorch.utilities.rank_zero')
+    rz = logging.getLogger('lightning.pytorch.utilities.rank_zero')
+    levels, tips = [g.level for g in logs], _NoTips()
     rz.addFilter(tips)
     try:
         with warnings.catch_warnings():
@@ -140,28 +144,31 @@ def _train_loader(self):
     return dm.train_dataloader() if dm is not None else None
 
 def _configure_optimizers(self):
-    "segtutor's optimiser and schedule; Lightning steps the schedule after every batch or every epoch, as it must."
+    "segtutor's optimiser and schedule, which Lightning steps after every batch or every epoch, as it must."
     opt = make_opt(self.opt_name, self.model.parameters(), self.lr, self.wd)
     epochs, dl = self.trainer.max_epochs, self._train_loader()
     n = len(dl) if dl is not None else self.trainer.estimated_stepping_batches//epochs
     sched, per = make_sched(self.sched_name, opt, self.lr, epochs, n, **self.sched_kw)
-    return dict(optimizer=opt, lr_scheduler=dict(scheduler=sched, interval='step' if per == 'batch' else 'epoch'))
+    interval = 'step' if per == 'batch' else 'epoch'
+    return dict(optimizer=opt, lr_scheduler=dict(scheduler=sched, interval=interval))
 
 def _setup(self, stage:str):
     "Every process trains with rank 0's learning rate."
     self.lr = self.config['lr'] = self.trainer.strategy.broadcast(self.lr, src=0)
-SegModule._train_loader, SegModule.configure_optimizers, SegModule.setup = _train_loader, _configure_optimizers, _setup
+SegModule._train_loader, SegModule.setup = _train_loader, _setup
+SegModule.configure_optimizers = _configure_optimizers
 
 # %% ../nbs/18_lightning.ipynb #84d18a71
 def _on_fit_start(self):
-    "Seed every generator (a fresh run) or restore them from the checkpoint (a resumed run), before the first batch."
+    "Seed every generator (a fresh run) or restore them from the checkpoint (a resumed run) before the first batch."
     dl = self._train_loader()
     if self._rng is None:
         set_seed(self.seed + self.global_rank)
         if getattr(dl, 'generator', None) is not None: dl.generator.manual_seed(self.seed)
         return
     set_rng_state(self._rng, dl); self._rng = None
-    if callable(getattr(getattr(dl, 'sampler', None), 'set_epoch', None)): dl.sampler.set_epoch(len(self.history))
+    sampler = getattr(dl, 'sampler', None)
+    if callable(getattr(sampler, 'set_epoch', None)): sampler.set_epoch(len(self.history))
 SegModule.on_fit_start = _on_fit_start
 
 # %% ../nbs/18_lightning.ipynb #cf7232e5
@@ -179,35 +186,37 @@ SegModule.on_save_checkpoint, SegModule.on_load_checkpoint = _on_save_checkpoint
 
 # %% ../nbs/18_lightning.ipynb #34a3a6ec
 def to_segtutor(checkpoint:dict):
-    "A segtutor checkpoint (the keys `Learner` writes) from a Lightning checkpoint dict, which rides along under 'lightning'."
-    s = checkpoint.get('segtutor') or {}
-    hist, sd = s.get('history', []), checkpoint['state_dict']
-    mious = [h['miou'] for h in hist]
+    "A segtutor checkpoint (the keys `Learner` writes) from a Lightning checkpoint, which rides along under 'lightning'."
+    s, ck = checkpoint.get('segtutor') or {}, checkpoint
+    hist, mious = s.get('history', []), [h['miou'] for h in s.get('history', [])]
     best = max(mious, default=-math.inf)
-    return dict(model={k[len('model.'):]: v for k, v in sd.items() if k.startswith('model.')},
-                optimizer=(checkpoint.get('optimizer_states') or [None])[0], scheduler=(checkpoint.get('lr_schedulers') or [None])[0],
-                scaler=checkpoint.get('MixedPrecision') or {}, epoch=len(hist), epochs=s.get('epochs'), rng=s.get('rng'),
-                history=hist, recorder=s.get('recorder'), best_miou=best, bad_epochs=len(hist) - 1 - mious.index(best) if hist else 0,
-                ref_loss=s.get('ref_loss'), config=s.get('config') or {}, engine='lightning', lightning=checkpoint)
+    return dict(model={k[len('model.'):]: v for k, v in ck['state_dict'].items() if k.startswith('model.')},
+                optimizer=(ck.get('optimizer_states') or [None])[0], scheduler=(ck.get('lr_schedulers') or [None])[0],
+                scaler=ck.get('MixedPrecision') or {}, epoch=len(hist), epochs=s.get('epochs'), rng=s.get('rng'),
+                history=hist, recorder=s.get('recorder'), best_miou=best,
+                bad_epochs=len(hist) - 1 - mious.index(best) if hist else 0, ref_loss=s.get('ref_loss'),
+                config=s.get('config') or {}, engine='lightning', lightning=ck)
 
 # %% ../nbs/18_lightning.ipynb #652cc2d9
 class SegCheckpointIO(TorchCheckpointIO):
-    "Lightning's checkpoints as segtutor files: atomic, weights-only, loadable by `load_model`; read back for `ckpt_path`."
-    def save_checkpoint(self, checkpoint, path, storage_options=None): save_checkpoint(path, to_segtutor(checkpoint))
+    "Lightning's checkpoints as segtutor files: atomic, weights-only, for `load_model`; read back for `ckpt_path`."
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        save_checkpoint(path, to_segtutor(checkpoint))
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         ck = load_checkpoint(path, map_location or 'cpu')
         if 'lightning' not in ck:
-            raise CheckpointError(f"{path}: written by segtutor's own loop, not by Lightning: resume it with the segtutor "
-                                  "engine (Learner.resume, or segtutor train --engine segtutor --resume)")
+            raise CheckpointError(f"{path}: written by segtutor's own loop, not by Lightning: resume it with the "
+                                  "segtutor engine (Learner.resume, or segtutor train --engine segtutor --resume)")
         return ck['lightning']
 
 # %% ../nbs/18_lightning.ipynb #05166765
 class RunCheckpoint(ModelCheckpoint):
-    "`ModelCheckpoint` for a run folder: `best.pt` at a better validation mIoU (`best=True`), else `last.pt` and `metrics.csv`."
+    "`ModelCheckpoint` for a run folder: `best.pt` at a better mIoU (`best=True`), else `last.pt` and `metrics.csv`."
     FILE_EXTENSION = '.pt'
     def __init__(self, out, best:bool=False):
-        super().__init__(dirpath=out, filename='best' if best else 'last', monitor='miou' if best else None, mode='max',
-                         save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True, auto_insert_metric_name=False)
+        super().__init__(dirpath=out, filename='best' if best else 'last', monitor='miou' if best else None,
+                         mode='max', save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True,
+                         auto_insert_metric_name=False)
         self.best = best
     def on_train_epoch_end(self, trainer, module):
         super().on_train_epoch_end(trainer, module)
@@ -215,11 +224,13 @@ class RunCheckpoint(ModelCheckpoint):
 
 # %% ../nbs/18_lightning.ipynb #5ac481e5
 class SegData(L.LightningDataModule):
-    "segtutor `DataLoaders` for Lightning: this process's share under DDP (`ddp_loaders`), the loaders themselves otherwise."
+    "segtutor `DataLoaders` for Lightning: this process's share under DDP (`ddp_loaders`), else the loaders themselves."
     def __init__(self, dls, seed:int=0): super().__init__(); self.dls, self.seed = dls, seed
     def setup(self, stage:str|None=None):
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-        self.train_dl, self.valid_dl = (self.dls.train, self.dls.valid) if world == 1 else ddp_loaders(self.dls, rank, world, self.seed)
+        t = self.trainer
+        world, rank = (t.world_size, t.global_rank) if t is not None else (1, 0)
+        if world == 1: self.train_dl, self.valid_dl = self.dls.train, self.dls.valid
+        else: self.train_dl, self.valid_dl = ddp_loaders(self.dls, rank, world, self.seed)
     def train_dataloader(self): return self.train_dl
     def val_dataloader(self): return self.valid_dl
 
@@ -235,11 +246,14 @@ class RunFolder(Callback):
     def __init__(self, out, progress:bool=True): self.out, self.progress = Path(out), progress
     def on_fit_start(self, trainer, module):
         self._shown = len(module.history)
-        if trainer.is_global_zero: self.out.mkdir(parents=True, exist_ok=True); _write_json(self.out/'config.json', module.config)
+        if not trainer.is_global_zero: return
+        self.out.mkdir(parents=True, exist_ok=True)
+        _write_json(self.out/'config.json', module.config)
     def on_train_epoch_end(self, trainer, module):
         if not (trainer.is_global_zero and self.progress and len(module.history) > self._shown): return
         self._shown = len(module.history)
-        tqdm.write('  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in module.history[-1].items()))
+        row = module.history[-1]
+        tqdm.write('  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
     def on_fit_end(self, trainer, module):
         if trainer.is_global_zero: save_curves(self.out, module.history, module.recorder)
     def on_exception(self, trainer, module, exception): self.on_fit_end(trainer, module)
@@ -248,7 +262,8 @@ class RunFolder(Callback):
 def device_count(accelerator:str):
     "Devices of one kind on this machine: CUDA GPUs, Apple's MPS (0 or 1), usable CPU cores (one process each)."
     if accelerator in ('cuda', 'gpu'): return torch.cuda.device_count()
-    if accelerator == 'mps': return int(bool(getattr(torch.backends, 'mps', None)) and torch.backends.mps.is_available())
+    mps = getattr(torch.backends, 'mps', None)
+    if accelerator == 'mps': return int(mps is not None and mps.is_available())
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
 
 def check_devices(accelerator:str, devices:int):
@@ -256,24 +271,27 @@ def check_devices(accelerator:str, devices:int):
     n = device_count(accelerator)
     if devices == -1 and n > 0: return n
     if 1 <= devices <= n: return devices
-    what = {'cuda': 'CUDA GPU', 'gpu': 'CUDA GPU', 'mps': 'MPS device', 'cpu': 'usable CPU core'}.get(accelerator, accelerator)
-    if devices < 1 and devices != -1: raise ValueError(f"devices={devices}: give a number of devices per machine (or -1 for all)")
+    names = {'cuda': 'CUDA GPU', 'gpu': 'CUDA GPU', 'mps': 'MPS device', 'cpu': 'usable CPU core'}
+    what = names.get(accelerator, accelerator)
+    if devices < 1 and devices != -1: raise ValueError(f"devices={devices}: give a number per machine (or -1 for all)")
     raise ValueError(f"devices={devices}: this machine has {n} {what}{'' if n == 1 else 's'}")
 
 def on_cluster():
     "True when a launcher placed this process in a multi-machine run: torchrun, SLURM, LSF, or NODE_RANK set by hand."
     from lightning.fabric.plugins.environments import LSFEnvironment, SLURMEnvironment, TorchElasticEnvironment
-    return 'NODE_RANK' in os.environ or any(E.detect() for E in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment))
+    envs = (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment)
+    return 'NODE_RANK' in os.environ or any(E.detect() for E in envs)
 
 def precision_for(accelerator:str, amp:bool|None=None):
-    "Lightning's `precision` for segtutor's `amp`: '16-mixed' on CUDA (the default there), 'bf16-mixed' elsewhere, or '32-true'."
+    "Lightning's `precision` for segtutor's `amp`: '16-mixed' on CUDA (its default), 'bf16-mixed' elsewhere, or '32-true'."
     if amp is None: amp = accelerator == 'cuda'
     return ('16-mixed' if accelerator == 'cuda' else 'bf16-mixed') if amp else '32-true'
 
 # %% ../nbs/18_lightning.ipynb #9a666686
 class LightningLearner:
-    "Train like `Learner`, on PyTorch Lightning: the same recipe and run folder, from one CPU to many GPUs on many nodes."
-    def __init__(self, model:nn.Module, dls, loss_func='ce', lr:float=1e-3, opt='adamw', wd:float=1e-4, sched='onecycle',
+    "Train like `Learner`, on PyTorch Lightning: the same recipe and run folder, from one CPU to GPUs on many nodes."
+    def __init__(self, model:nn.Module, dls, loss_func='ce', lr:float=1e-3, opt='adamw', wd:float=1e-4,
+                 sched='onecycle',
                  device='auto',            # the kind of devices: 'auto', 'cpu', 'cuda', 'mps' or a torch.device
                  amp:bool|None=None,       # mixed precision (Lightning's `precision`); None = on for CUDA
                  channels_last:bool=False, grad_clip:float|None=None,
@@ -289,10 +307,12 @@ class LightningLearner:
         self.progress, self.tensorboard, self.grad_clip, self.trainer = progress, tensorboard, grad_clip, None
         self.accelerator = default_device(device).type
         self.devices, self.num_nodes, self.strategy = check_devices(self.accelerator, devices), num_nodes, strategy
-        if num_nodes > 1 and not on_cluster(): raise ValueError(f"num_nodes={num_nodes}: start the run on every machine with torchrun or srun")
+        if num_nodes > 1 and not on_cluster():
+            raise ValueError(f"num_nodes={num_nodes}: start the run on every machine with torchrun or srun")
         self.precision = precision_for(self.accelerator, amp)
         n_classes = n_classes or getattr(dls, 'n_classes', None)
-        self.module = SegModule(model, loss_func, n_classes, lr, opt, wd, sched, sched_kw, channels_last, seed, diverge_th=diverge_th)
+        self.module = SegModule(model, loss_func, n_classes, lr, opt, wd, sched, sched_kw, channels_last, seed,
+                                diverge_th=diverge_th)
         self.module.config = self._make_config(loss_func, opt, config)
 
     history = property(lambda self: self.module.history)
@@ -306,12 +326,14 @@ class LightningLearner:
 def _make_config(self, loss_func, opt, config):
     m, dls = self.module, self.dls
     cfg = dict(m.config, classes=list(getattr(dls, 'classes', None) or [str(i) for i in range(m.n_classes)]),
-               norm=getattr(dls, 'norm', None) or getattr(m.model, 'norm', None) or 'per_image', img_size=getattr(dls, 'size', None),
+               norm=getattr(dls, 'norm', None) or getattr(m.model, 'norm', None) or 'per_image',
+               img_size=getattr(dls, 'size', None),
                loss=loss_func if isinstance(loss_func, str) else type(loss_func).__name__,
-               opt=opt if isinstance(opt, str) else getattr(opt, '__name__', 'custom'), lr=m.lr, wd=m.wd, sched=m.sched_name,
-               bs=dls.train.batch_size, seed=self.seed, amp=self.precision != '32-true', channels_last=m.channels_last,
-               grad_clip=self.grad_clip, world_size=self.devices*self.num_nodes, engine='lightning',
-               precision=self.precision, devices=self.devices, num_nodes=self.num_nodes, strategy=self.strategy)
+               opt=opt if isinstance(opt, str) else getattr(opt, '__name__', 'custom'), lr=m.lr, wd=m.wd,
+               sched=m.sched_name, bs=dls.train.batch_size, seed=self.seed, amp=self.precision != '32-true',
+               channels_last=m.channels_last, grad_clip=self.grad_clip, world_size=self.devices*self.num_nodes,
+               engine='lightning', precision=self.precision, devices=self.devices, num_nodes=self.num_nodes,
+               strategy=self.strategy)
     cfg.update(config or {})
     try: return json.loads(json.dumps(cfg))
     except (TypeError, ValueError) as e: raise TypeError(f"the config must be JSON-able: {e}") from None
@@ -319,13 +341,15 @@ LightningLearner._make_config = _make_config
 
 # %% ../nbs/18_lightning.ipynb #51a05891
 def _make_trainer(self, epochs:int):
-    cbs = [RunFolder(self.out, self.progress), RunCheckpoint(self.out, best=True), RunCheckpoint(self.out)] if self.out else []
-    if self.patience: cbs.insert(0, EarlyStopping('miou', mode='max', patience=self.patience, check_on_train_epoch_end=True))
+    out = self.out
+    cbs = [RunFolder(out, self.progress), RunCheckpoint(out, best=True), RunCheckpoint(out)] if out else []
+    if self.patience:
+        cbs.insert(0, EarlyStopping('miou', mode='max', patience=self.patience, check_on_train_epoch_end=True))
     return L.Trainer(max_epochs=epochs, accelerator=self.accelerator, devices=self.devices, num_nodes=self.num_nodes,
-                     strategy=self.strategy, precision=self.precision, gradient_clip_val=self.grad_clip, callbacks=cbs,
-                     logger=self._logger(), plugins=[SegCheckpointIO()], enable_checkpointing=self.out is not None,
+                     strategy=self.strategy, precision=self.precision, gradient_clip_val=self.grad_clip,
+                     callbacks=cbs, logger=self._logger(), plugins=[SegCheckpointIO()], enable_checkpointing=bool(out),
                      num_sanity_val_steps=0, use_distributed_sampler=False, enable_progress_bar=self.progress,
-                     enable_model_summary=self.progress, log_every_n_steps=1, default_root_dir=self.out)
+                     enable_model_summary=self.progress, log_every_n_steps=1, default_root_dir=out)
 
 def _logger(self):
     "TensorBoard under out/tensorboard when asked (it receives what the module logs), else no logger."
@@ -349,7 +373,8 @@ def _resume(self, path):
     if 'lightning' not in ck: SegCheckpointIO().load_checkpoint(path)   # raises the one-line error
     try: self.module.model.load_state_dict(ck['model'])
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: does not match this model (saved spec {ck['config'].get('model')!r}): {str(e)[:200]}") from None
+        spec = ck['config'].get('model')
+        raise CheckpointError(f"{path}: does not match this model (saved spec {spec!r}): {str(e)[:200]}") from None
     self.module.lr = ck['config'].get('lr', self.module.lr)
     return self._run(ck['epochs'], path)
 
