@@ -8,8 +8,10 @@ itself by running the same command line again, and each rank writes its final we
 How the two engines are made comparable: the same command line (same synthetic slides, model, loss, one-cycle
 schedule, learning rate, batch size and seed, so the same initial weights), no augmentation (`--aug none`), and the
 CPU. What remains is the order of the batches: both engines shuffle with the loader's generator, seeded alike, but
-the `Learner`'s progress bar opens the loader once more per epoch, which takes a number from that generator, so the
-two runs see different orders (lesson 18 shows that with a fixed order they agree to the last bit).
+draw from it a different number of times per epoch (the `Learner`'s `tqdm.auto` bar opens the loader once more than
+the loop does, and a loop run to the loader's end makes `RandomSampler` draw one permutation more, which Lightning,
+stopping at the counted last batch, never asks for), so the two runs see different orders. Lesson 18 shows that with
+a fixed order they agree to the last bit.
 """
 import contextlib, csv, io, json, os, signal, socket, subprocess, sys, time
 from pathlib import Path
