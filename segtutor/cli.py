@@ -145,6 +145,7 @@ def build_parser():
     p.add_argument('--binary', action='store_true', help="0/1 masks instead of 0/1/2"); p.add_argument('--seed', type=int, default=0)
     p = sub.add_parser('train', help="train a model"); _add_data_args(p); _add_model_args(p)
     p.add_argument('--out', required=True, help="run folder: best.pt, last.pt, config.json, metrics.csv, curves")
+    _add_engine_args(p)
     p.add_argument('--epochs', type=int, default=6); p.add_argument('--lr', default='auto', help="learning rate or 'auto' (LR finder)")
     p.add_argument('--wd', type=float, default=1e-4, help="weight decay (default 1e-4)")
     p.add_argument('--scheduler', default='onecycle', choices=SCHEDULERS); p.add_argument('--loss', default='ce', choices=LOSSES)
@@ -152,7 +153,6 @@ def build_parser():
     p.add_argument('--patience', type=int, default=None, help="early stopping patience in epochs")
     p.add_argument('--resume', action='store_true', help="continue a killed run from RUN_DIR/last.pt up to its planned epochs")
     p.add_argument('--tensorboard', action='store_true', help="also log to RUN_DIR/tb")
-    _add_engine_args(p)
     p = sub.add_parser('lr-find', help="learning-rate range test"); _add_data_args(p); _add_model_args(p)
     p.add_argument('--out', default='.', help="folder for lr_find.png"); p.add_argument('--loss', default='ce', choices=LOSSES)
     p.add_argument('--num-it', type=int, default=100); p.add_argument('--start-lr', type=float, default=1e-7); p.add_argument('--end-lr', type=float, default=10)
@@ -207,6 +207,27 @@ def _build(a, train_ds, valid_ds, classes, device):
     except ValueError as e: raise CLIError(str(e)) from None
     return dls, model, get_loss(a.loss, len(classes)), norm
 
+# %% ../nbs/25_cli.ipynb #69d69e4f
+def _check_lightning(a, device):
+    "Fail early, in one line: Lightning missing, more `--devices` than here, an unknown `--strategy`, nodes without a launcher."
+    try: from segtutor.lightning import check_devices, on_cluster
+    except ImportError as e: raise CLIError(f"--engine lightning: {e}") from None
+    from lightning.pytorch.strategies import StrategyRegistry
+    try: check_devices(device.type, a.devices)
+    except ValueError as e: raise CLIError(f"--devices {a.devices}: {str(e).split(': ', 1)[-1]}") from None
+    if a.strategy != 'auto' and a.strategy not in StrategyRegistry:
+        raise CLIError(f"--strategy {a.strategy!r}: not a Lightning strategy (e.g. ddp, ddp_spawn, fsdp)")
+    if a.num_nodes > 1 and not on_cluster():
+        raise CLIError(f"--num-nodes {a.num_nodes}: start this command on every machine with torchrun or srun (lesson 18)")
+
+def _engine(a):
+    "The training loop `--engine` names: segtutor's `Learner`, or `LightningLearner` with the process flags bound."
+    from functools import partial
+    from segtutor.learner import Learner
+    if a.engine == 'segtutor': return Learner
+    from segtutor.lightning import LightningLearner
+    return partial(LightningLearner, devices=a.devices, num_nodes=a.num_nodes, strategy=a.strategy)
+
 # %% ../nbs/25_cli.ipynb #fc3161f9
 def _suggest_lr(model, dls, loss, a, out=None):
     "Run the LR finder; return one-cycle's peak learning rate, a tenth of the steepest-descent rate (and save the plot in `out`)."
@@ -231,6 +252,7 @@ def cmd_train(a):
     torch.manual_seed(a.seed)
     device = _device(a.device)
     if a.engine == 'lightning': _check_lightning(a, device)
+    Learner = _engine(a)                          # --engine: segtutor's Learner, or LightningLearner (same arguments)
     train_ds, valid_ds, classes = load_data(a.data, a.num_classes, a.mask_suffix, a.valid_pct, a.seed, a.n_train, a.n_valid,
                                             a.img_size, a.binary)
     dls, model, loss, norm = _build(a, train_ds, valid_ds, classes, device)
@@ -244,40 +266,12 @@ def cmd_train(a):
     config = dict(model=a.model, model_kwargs=getattr(model, 'spec_kwargs', {}), n_classes=len(classes), classes=list(classes),
                   norm=norm, img_size=a.img_size, data=a.data, loss=a.loss, lr=lr, scheduler=a.scheduler, epochs=a.epochs,
                   batch_size=a.batch_size, wd=a.wd, seed=a.seed, weights=a.weights)
-    if a.engine == 'lightning': return _train_lightning(a, model, dls, loss, lr, device, out, config)
     learn = Learner(model, dls, loss, lr=lr, wd=a.wd, sched=a.scheduler, device=device, amp=a.amp or None,
                     channels_last=a.channels_last, out=out, config=config, patience=a.patience, seed=a.seed,
                     tensorboard=a.tensorboard)
     hist = learn.resume(out/'last.pt') if a.resume else learn.fit(a.epochs)
     best = max((h['miou'] for h in hist if h.get('miou') is not None and not math.isnan(h['miou'])), default=float('nan'))
-    print(f"done: {len(hist)} epochs, best validation mIoU {best:.4f}; checkpoints in {out}")
-
-# %% ../nbs/25_cli.ipynb #69d69e4f
-def _check_lightning(a, device):
-    "Fail early, in one line: Lightning missing, more `--devices` than here, an unknown `--strategy`, nodes without a launcher."
-    try: from segtutor.lightning import check_devices, on_cluster
-    except ImportError as e: raise CLIError(f"--engine lightning: {e}") from None
-    from lightning.pytorch.strategies import StrategyRegistry
-    try: check_devices(device.type, a.devices)
-    except ValueError as e: raise CLIError(f"--devices {a.devices}: {str(e).split(': ', 1)[-1]}") from None
-    if a.strategy != 'auto' and a.strategy not in StrategyRegistry:
-        raise CLIError(f"--strategy {a.strategy!r}: not a Lightning strategy (e.g. ddp, ddp_spawn, fsdp)")
-    if a.num_nodes > 1 and not on_cluster():
-        raise CLIError(f"--num-nodes {a.num_nodes}: start this command on every machine with torchrun or srun (lesson 18)")
-
-def _train_lightning(a, model, dls, loss, lr, device, out, config):
-    "`train --engine lightning`: the same data, model, loss, schedule and run folder, on `--devices` x `--num-nodes` processes."
-    from segtutor.lightning import LightningLearner
-    amp = False if getattr(a, 'no_amp', False) else (a.amp or None)
-    learn = LightningLearner(model, dls, loss, lr=lr, wd=a.wd, sched=a.scheduler, device=device, amp=amp,
-                             channels_last=a.channels_last, grad_clip=getattr(a, 'grad_clip', None), out=out, config=config,
-                             patience=a.patience, seed=a.seed, tensorboard=a.tensorboard, devices=a.devices,
-                             num_nodes=a.num_nodes, strategy=a.strategy)
-    hist = learn.resume(out/'last.pt') if a.resume else learn.fit(a.epochs)
-    if not learn.is_main: return
-    best = max((h['miou'] for h in hist if h.get('miou') is not None and not math.isnan(h['miou'])), default=float('nan'))
-    print(f"done: {len(hist)} epochs on {learn.world} process{'' if learn.world == 1 else 'es'} (Lightning), "
-          f"best validation mIoU {best:.4f}; checkpoints in {out}")
+    if learn.is_main: print(f"done: {len(hist)} epochs, best validation mIoU {best:.4f}; checkpoints in {out}")   # rank 0
 
 # %% ../nbs/25_cli.ipynb #9f631da8
 def cmd_lr_find(a):
