@@ -83,6 +83,20 @@ def save_checkpoint(path, ckpt:dict):
     return atomic_write(path, lambda f: torch.save({'format': CKPT_FORMAT, 'version': CKPT_VERSION, **ckpt}, f))
 
 # %% ../nbs/14_checkpoints.ipynb #a1885784
+def _is_lightning(path, ck=None):
+    "True when `ck` (or, for a file that cannot be loaded, the pickle inside `path`, scanned as bytes) came from Lightning."
+    if ck is not None: return isinstance(ck, dict) and 'pytorch-lightning_version' in ck
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(b'pytorch-lightning_version' in z.read(n) for n in z.namelist() if n.endswith('data.pkl'))
+    except (zipfile.BadZipFile, OSError): return False
+
+def _lightning_error(path, ck=None):
+    v = ck.get('pytorch-lightning_version') if isinstance(ck, dict) else None
+    return CheckpointError(f"{path}: a PyTorch Lightning checkpoint{f' (Lightning {v})' if v else ''}, not a segtutor one: "
+                           "pass the best.pt or last.pt of a run folder (`segtutor train --engine lightning` writes them)")
+
 def load_checkpoint(path, map_location='cpu'):
     "Load a segtutor checkpoint with `weights_only=True`; problems raise `CheckpointError('path: problem')`."
     path = Path(path)
@@ -90,11 +104,13 @@ def load_checkpoint(path, map_location='cpu'):
     try: ck = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if 'Weights only load failed' in str(e):
+            if _is_lightning(path): raise _lightning_error(path) from None
             raise CheckpointError(f"{path}: refused to load: it holds Python objects, not just tensors and plain values "
                                   "(not a segtutor checkpoint, or one that could run code)") from None
         raise CheckpointError(f"{path}: corrupt or not a PyTorch file ({e})") from None
     except Exception as e: raise CheckpointError(f"{path}: corrupt or truncated file ({type(e).__name__}: {str(e)[:120]})") from None
     if not isinstance(ck, dict) or ck.get('format') != CKPT_FORMAT:
+        if _is_lightning(path, ck): raise _lightning_error(path, ck)
         bare = isinstance(ck, dict) and len(ck) > 0 and all(isinstance(v, torch.Tensor) for v in ck.values())
         raise CheckpointError(f"{path}: not a segtutor checkpoint" + (' (it looks like a bare state_dict: load it with model.load_state_dict)' if bare else ''))
     if ck.get('version', 0) > CKPT_VERSION:

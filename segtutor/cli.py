@@ -137,6 +137,13 @@ def _add_model_args(p):
     for part in ('encoder', 'decoder', 'head'):
         p.add_argument(f'--freeze-{part}', action='store_true', help=f"do not train the {part}")
 
+def _add_engine_args(p):
+    p.add_argument('--engine', default='segtutor', choices=['segtutor', 'lightning'],
+                   help="training loop: segtutor's Learner (default) or PyTorch Lightning (needs segtutor[lightning]; lesson 18)")
+    p.add_argument('--devices', type=int, default=1, help="lightning: processes (GPUs) per machine, -1 = all (default 1)")
+    p.add_argument('--num-nodes', type=int, default=1, help="lightning: machines, each started by torchrun or srun (default 1)")
+    p.add_argument('--strategy', default='auto', help="lightning: ddp, ddp_spawn, fsdp, ... (default auto: ddp for several processes)")
+
 # %% ../nbs/25_cli.ipynb #6416e960
 def build_parser():
     "The `segtutor` argument parser with its subcommands."
@@ -155,6 +162,7 @@ def build_parser():
     p.add_argument('--binary', action='store_true', help="0/1 masks instead of 0/1/2"); p.add_argument('--seed', type=int, default=0)
     p = sub.add_parser('train', help="train a model"); _add_data_args(p); _add_model_args(p)
     p.add_argument('--out', required=True, help="run folder: best.pt, last.pt, config.json, metrics.csv, curves")
+    _add_engine_args(p)
     p.add_argument('--epochs', type=int, default=6); p.add_argument('--lr', default='auto', help="learning rate or 'auto' (LR finder)")
     p.add_argument('--wd', type=float, default=1e-4, help="weight decay (default 1e-4)")
     p.add_argument('--grad-clip', type=float, default=None, help="clip the gradient norm to this (e.g. 1.0; default off)")
@@ -260,6 +268,27 @@ def _build(a, train_ds, valid_ds, classes, device):
                   bs=a.batch_size, workers=workers, classes=classes, pin_memory=device.type == 'cuda', seed=a.seed)
     return dls, model, get_loss(a.loss, len(classes)), norm
 
+# %% ../nbs/25_cli.ipynb #69d69e4f
+def _check_lightning(a, device):
+    "Fail early, in one line: Lightning missing, more `--devices` than here, an unknown `--strategy`, nodes without a launcher."
+    try: from segtutor.lightning import check_devices, on_cluster
+    except ImportError as e: raise CLIError(f"--engine lightning: {e}") from None
+    from lightning.pytorch.strategies import StrategyRegistry
+    try: check_devices(device.type, a.devices)
+    except ValueError as e: raise CLIError(f"--devices {a.devices}: {str(e).split(': ', 1)[-1]}") from None
+    if a.strategy != 'auto' and a.strategy not in StrategyRegistry:
+        raise CLIError(f"--strategy {a.strategy!r}: not a Lightning strategy (e.g. ddp, ddp_spawn, fsdp)")
+    if a.num_nodes > 1 and not on_cluster():
+        raise CLIError(f"--num-nodes {a.num_nodes}: start this command on every machine with torchrun or srun (lesson 18)")
+
+def _engine(a):
+    "The training loop `--engine` names: segtutor's `Learner`, or `LightningLearner` with the process flags bound."
+    from functools import partial
+    from segtutor.learner import Learner
+    if a.engine == 'segtutor': return Learner
+    from segtutor.lightning import LightningLearner
+    return partial(LightningLearner, devices=a.devices, num_nodes=a.num_nodes, strategy=a.strategy)
+
 # %% ../nbs/25_cli.ipynb #fc3161f9
 def _suggest_lr(model, dls, loss, a, out=None):
     "Run the LR finder; return one-cycle's peak learning rate, a tenth of the steepest-descent rate (and save the plot in `out`)."
@@ -274,7 +303,8 @@ def _save_lr_plot(res, out):
     "Write the range test's plot to `out/lr_find.png`."
     import matplotlib; matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
-    ax = res.plot(); ax.figure.savefig(Path(out)/'lr_find.png', dpi=90, bbox_inches='tight'); plt.close(ax.figure)
+    ax = res.plot(); tmpf = Path(out)/f'.lr_find.{os.getpid()}.png'       # atomic: several processes may write it
+    ax.figure.savefig(tmpf, dpi=90, bbox_inches='tight'); plt.close(ax.figure); os.replace(tmpf, Path(out)/'lr_find.png')
 
 def cmd_train(a):
     "Train a model on a data spec; checkpoints and logs go to `--out`."
@@ -288,6 +318,8 @@ def cmd_train(a):
         except ImportError: raise CLIError("--tensorboard needs the tensorboard package: pip install 'segtutor[tensorboard]'") from None
     torch.manual_seed(a.seed)
     device = _device(a.device)
+    if a.engine == 'lightning': _check_lightning(a, device)
+    Learner = _engine(a)                          # --engine: segtutor's Learner, or LightningLearner (same arguments)
     train_ds, valid_ds, classes = load_data(a.data, a.num_classes, a.mask_suffix, a.valid_pct, a.seed, a.n_train, a.n_valid,
                                             a.img_size, a.binary)
     dls, model, loss, norm = _build(a, train_ds, valid_ds, classes, device)
@@ -307,7 +339,7 @@ def cmd_train(a):
     try: hist = learn.resume(out/'last.pt') if a.resume else learn.fit(a.epochs)
     except TrainingDiverged as e: raise CLIError(_in_flags(str(e))) from None
     best = max((h['miou'] for h in hist if h.get('miou') is not None and not math.isnan(h['miou'])), default=float('nan'))
-    print(f"done: {len(hist)} epochs, best validation mIoU {best:.4f}; checkpoints in {out}")
+    if learn.is_main: print(f"done: {len(hist)} epochs, best validation mIoU {best:.4f}; checkpoints in {out}")   # rank 0
 
 # %% ../nbs/25_cli.ipynb #5ac920db
 def _in_flags(msg:str):
