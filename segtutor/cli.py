@@ -6,12 +6,12 @@
 __all__ = ['SCHEDULERS', 'LOSSES', 'parse_data_spec', 'load_data', 'CLIError', 'build_parser', 'cmd_make_data', 'cmd_train',
            'cmd_lr_find', 'cmd_evaluate', 'cmd_predict', 'cmd_demo', 'main']
 
-# %% ../nbs/25_cli.ipynb #ed446bf0
+# %% ../nbs/25_cli.ipynb
 import argparse, base64, html, json, math, os, re, sys, time, traceback
 from pathlib import Path
 from PIL import Image   # torch is imported inside the commands that need it, so `segtutor --help` answers at once
 
-# %% ../nbs/25_cli.ipynb #59f05b3f
+# %% ../nbs/25_cli.ipynb
 def parse_data_spec(spec:str):
     "Split a data spec into (kind, root): 'synthetic', 'pets:ROOT', 'voc:ROOT', 'coco:ROOT' or a folder."
     for kind in ('pets', 'voc', 'coco'):
@@ -19,7 +19,7 @@ def parse_data_spec(spec:str):
     if spec == 'synthetic': return 'synthetic', None
     return 'folder', spec
 
-# %% ../nbs/25_cli.ipynb #a85ffc22
+# %% ../nbs/25_cli.ipynb
 def _check_masks(ds, n_classes, progress=True):
     "Read every mask of a folder dataset with `n_classes` declared (raises `SegDataError` naming the first bad file)."
     from tqdm.auto import tqdm
@@ -52,7 +52,7 @@ def load_data(spec:str, num_classes:int|None=None, mask_suffix:str='', valid_pct
         raise SegDataError(f"{root}: {kind} has {len(tr.classes)} classes, not --num-classes {num_classes}")
     return tr, va, tr.classes
 
-# %% ../nbs/25_cli.ipynb #90cbde7a
+# %% ../nbs/25_cli.ipynb
 class CLIError(Exception):
     "An error the command reports as one line (exit status 2)."
 
@@ -83,7 +83,7 @@ def _run(fn, args):
         print(f"segtutor {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
 
-# %% ../nbs/25_cli.ipynb #d87b8b5c
+# %% ../nbs/25_cli.ipynb
 def _worker_error(msg:str): # the text of an exception re-raised by a DataLoader (or pin-memory thread)
     "(exception name, first line of the original message) of an error re-raised from a worker, else None."
     first, _, rest = msg.strip().partition('\n')
@@ -95,7 +95,7 @@ def _worker_error(msg:str): # the text of an exception re-raised by a DataLoader
         if hit: return name, (hit.group(1) or '').strip() or name
     return name, next((l.strip() for l in reversed(lines) if l.strip()), name)
 
-# %% ../nbs/25_cli.ipynb #8b43e49a
+# %% ../nbs/25_cli.ipynb
 def _out_dir(path, what='output folder'):
     "Create `path` (and parents) and check it is writable, or raise a `CLIError` naming it."
     p = Path(path)
@@ -110,7 +110,7 @@ def _write_json(obj, fn):
     fn = Path(fn); tmp = fn.with_name(f'.{fn.name}.tmp')
     tmp.write_text(json.dumps(obj, indent=2)); os.replace(tmp, fn)
 
-# %% ../nbs/25_cli.ipynb #3ab8ac7e
+# %% ../nbs/25_cli.ipynb
 SCHEDULERS = ['onecycle', 'cosine', 'step', 'exponential', 'cyclic', 'poly', 'constant']
 LOSSES = ['ce', 'dice', 'ce+dice', 'bce+dice', 'focal', 'tversky', 'focal-tversky']
 
@@ -144,7 +144,7 @@ def _add_engine_args(p):
     p.add_argument('--num-nodes', type=int, default=1, help="lightning: machines, each started by torchrun or srun (default 1)")
     p.add_argument('--strategy', default='auto', help="lightning: ddp, ddp_spawn, fsdp, ... (default auto: ddp for several processes)")
 
-# %% ../nbs/25_cli.ipynb #d4a20083
+# %% ../nbs/25_cli.ipynb
 def build_parser():
     "The `segtutor` argument parser with its subcommands."
     ap = argparse.ArgumentParser(prog='segtutor', description="Semantic segmentation tutorial toolkit: train, evaluate and predict.")
@@ -191,14 +191,14 @@ def build_parser():
     p.add_argument('--json', default=None)
     return ap
 
-# %% ../nbs/25_cli.ipynb #a0ba7cda
+# %% ../nbs/25_cli.ipynb
 def cmd_make_data(a):
     "Write the synthetic darkfield set."
     from segtutor.data import write_darkfield
     d = write_darkfield(_out_dir(a.dir), a.n, a.size, a.seed, a.binary)
     print(f"wrote {a.n} image/mask pairs ({a.size}x{a.size}) to {d}/images and {d}/masks")
 
-# %% ../nbs/25_cli.ipynb #ae49d05e
+# %% ../nbs/25_cli.ipynb
 def _image_file(ds, i:int):
     "The image file of sample `i` of a folder, VOC or Pets dataset (None for other datasets)."
     if hasattr(ds, 'items'): return ds.items[i][0]
@@ -227,7 +227,7 @@ def _image_sizes(ds):
         if len(sizes) > 1: break
     return sizes
 
-# %% ../nbs/25_cli.ipynb #d18ed0e5
+# %% ../nbs/25_cli.ipynb
 def _palette(kind:str, # the data spec's kind: 'synthetic', 'folder', 'voc', 'coco', 'pets'
              n:int):   # number of classes
     "One RGB colour per class: VOC's for VOC and COCO, the darkfield colours first otherwise, then distinct hues."
@@ -241,7 +241,7 @@ def _palette(kind:str, # the data spec's kind: 'synthetic', 'folder', 'voc', 'co
         pal.append([round(r*255), round(g*255), round(b*255)])
     return pal
 
-# %% ../nbs/25_cli.ipynb #eb2fbd96
+# %% ../nbs/25_cli.ipynb
 def _device(name):
     from segtutor.models.fcn import default_device
     return default_device(name)
@@ -268,12 +268,15 @@ def _build(a, train_ds, valid_ds, classes, device):
                   bs=a.batch_size, workers=workers, classes=classes, pin_memory=device.type == 'cuda', seed=a.seed)
     return dls, model, get_loss(a.loss, len(classes)), norm
 
-# %% ../nbs/25_cli.ipynb #b8efb353
+# %% ../nbs/25_cli.ipynb
 def _check_lightning(a, device):
     "Fail early, in one line: Lightning missing, more `--devices` than here, an unknown `--strategy`, nodes without a launcher."
-    try: from segtutor.lightning import check_devices, on_cluster
-    except ImportError as e: raise CLIError(f"--engine lightning: {e}") from None
-    from lightning.pytorch.strategies import StrategyRegistry
+    try:
+        from segtutor.lightning import check_devices, on_cluster
+        from lightning.pytorch.strategies import StrategyRegistry
+    except ImportError as e:
+        hint = '' if 'pip install' in str(e) else " (pip install 'segtutor[lightning]')"
+        raise CLIError(f"--engine lightning: {e}{hint}") from None
     try: check_devices(device.type, a.devices)
     except ValueError as e: raise CLIError(f"--devices {a.devices}: {str(e).split(': ', 1)[-1]}") from None
     if a.strategy != 'auto' and a.strategy not in StrategyRegistry:
@@ -289,7 +292,7 @@ def _engine(a):
     from segtutor.lightning import LightningLearner
     return partial(LightningLearner, devices=a.devices, num_nodes=a.num_nodes, strategy=a.strategy)
 
-# %% ../nbs/25_cli.ipynb #73d9911b
+# %% ../nbs/25_cli.ipynb
 def _suggest_lr(model, dls, loss, a, out=None):
     "Run the LR finder; return one-cycle's peak learning rate, a tenth of the steepest-descent rate (and save the plot in `out`)."
     from segtutor.lr_finder import lr_find, one_cycle_lr, AUTO_LR
@@ -341,14 +344,14 @@ def cmd_train(a):
     best = max((h['miou'] for h in hist if h.get('miou') is not None and not math.isnan(h['miou'])), default=float('nan'))
     if learn.is_main: print(f"done: {len(hist)} epochs, best validation mIoU {best:.4f}; checkpoints in {out}")   # rank 0
 
-# %% ../nbs/25_cli.ipynb #591b6c39
+# %% ../nbs/25_cli.ipynb
 def _in_flags(msg:str):
     "A library message in the command's words: `grad_clip=X` becomes `--grad-clip X`, a suggested rate `--lr X`."
     msg = re.sub(r'\bgrad_clip=([\d.eE+-]+)', r'--grad-clip \1', msg)
     msg = re.sub(r'\(e\.g\. ([\d.eE+-]+)\)', r'(e.g. --lr \1)', msg)
     return msg.replace('run lr_find', 'use --lr auto')
 
-# %% ../nbs/25_cli.ipynb #dc477143
+# %% ../nbs/25_cli.ipynb
 _RESUME_FREE = ('cmd', 'out', 'resume', 'workers', 'device', 'tensorboard')   # what a resumed run may change
 _OLD_KEYS = ('model', 'data', 'img_size', 'loss', 'scheduler', 'epochs', 'batch_size', 'wd', 'seed', 'weights', 'norm')
 
@@ -364,7 +367,7 @@ def _train_flags(a):
     flags = {k: v for k, v in vars(a).items() if k not in _RESUME_FREE and not k.startswith('_')}
     return {**flags, 'data': _abs_spec(a.data)}
 
-# %% ../nbs/25_cli.ipynb #f9734f44
+# %% ../nbs/25_cli.ipynb
 def _given_flags(argv=None): # the command line (default `sys.argv[1:]`)
     "Destinations of the options written out in `argv`: a second parse in which nothing has a default."
     ap = build_parser()
@@ -387,7 +390,7 @@ def _flag(k:str, v):
     if v is False and k == 'amp': return '--no-amp'
     return f'no {f}' if v is None or v is False else f'{f} {v}'
 
-# %% ../nbs/25_cli.ipynb #cf24a4ec
+# %% ../nbs/25_cli.ipynb
 def _resume_args(a):
     "The saved run's flags for `train --resume`, refusing given flags that contradict them; None when the run is over."
     from segtutor.checkpoint import load_checkpoint
@@ -407,7 +410,7 @@ def _resume_args(a):
         print(f"{last}: the run stopped early after epoch {ck['epoch']} (no better mIoU for {p} epochs); nothing to resume")
     else: return argparse.Namespace(**{**vars(a), **saved})
 
-# %% ../nbs/25_cli.ipynb #f367036f
+# %% ../nbs/25_cli.ipynb
 def cmd_lr_find(a):
     "Print the suggested learning rate and write `lr_find.png`."
     device = _device(a.device)
@@ -420,7 +423,7 @@ def cmd_lr_find(a):
     print(' '.join(f"{k}={v:.2e}" for k, v in sugg.items() if v is not None))
     print(f"suggested one-cycle peak lr (steepest/10): {lr:.2e} (plot: {out/'lr_find.png'})")
 
-# %% ../nbs/25_cli.ipynb #990e3446
+# %% ../nbs/25_cli.ipynb
 def _check_tile(tile:int|None):
     "Raise a `CLIError` for a `--tile` that tiled inference cannot use (not larger than the overlap of tiles)."
     import inspect
@@ -431,7 +434,7 @@ def _check_tile(tile:int|None):
         raise CLIError(f"--tile {tile}: a tile must be larger than the {ov}-pixel overlap between tiles "
                        f"(e.g. --tile {max(4*ov, 64)}), or leave --tile out")
 
-# %% ../nbs/25_cli.ipynb #539c8e84
+# %% ../nbs/25_cli.ipynb
 def cmd_evaluate(a):
     "Metrics of a checkpoint on a dataset; `--json` writes pixel_accuracy, miou, per_class_iou, dice."
     from functools import partial
@@ -466,7 +469,7 @@ def cmd_predict(a):
                            palette=[tuple(c) for c in palette], overlays=not a.no_overlays)
     print(f"wrote {len(paths)} masks to {a.out}" + ('' if a.no_overlays else f" (overlays in {Path(a.out)/'overlays'})"))
 
-# %% ../nbs/25_cli.ipynb #97b3eb65
+# %% ../nbs/25_cli.ipynb
 def _img_tag(fn, alt):
     b64 = base64.b64encode(Path(fn).read_bytes()).decode()
     return f'<figure><img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}"><figcaption>{html.escape(alt)}</figcaption></figure>'
@@ -491,7 +494,7 @@ def _overlay_grid(pred_dir, inputs, fn, n=6):
         ax.imshow(ov); ax.set_title(f'{f.stem} {ov.width}x{ov.height}', fontsize=8); ax.axis('off')
     fig.tight_layout(); fig.savefig(fn, bbox_inches='tight'); plt.close(fig)
 
-# %% ../nbs/25_cli.ipynb #ad300a69
+# %% ../nbs/25_cli.ipynb
 def _write_report(out, metrics, table, hist, lr, secs, pics):
     "report.md (pictures as files) and report.html (pictures embedded)."
     head = (f"# segtutor demo report\n\nSynthetic darkfield data, model `unet:16:3`, LR finder → one-cycle at lr={lr:.2e}, "
@@ -507,7 +510,7 @@ def _write_report(out, metrics, table, hist, lr, secs, pics):
     style = "body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px}img{max-width:100%}"
     (out/'report.html').write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>segtutor demo</title><style>{style}</style></head><body>{body}</body></html>")
 
-# %% ../nbs/25_cli.ipynb #fde48cc3
+# %% ../nbs/25_cli.ipynb
 def cmd_demo(a):
     "Synthetic data -> LR finder -> one-cycle -> evaluation -> predictions -> report."
     from segtutor.data import DarkfieldDataset, make_darkfield
@@ -543,7 +546,7 @@ def cmd_demo(a):
     _write_report(out, res.metrics, table, hist, lr, secs, pics)
     print(f"mIoU {res['miou']:.4f} in {secs:.0f} s; report: {out/'report.html'}")
 
-# %% ../nbs/25_cli.ipynb #e771d365
+# %% ../nbs/25_cli.ipynb
 def main(argv=None):
     "Entry point of the `segtutor` console script."
     a = build_parser().parse_args(argv)
