@@ -21,7 +21,7 @@ import json, math, subprocess, sys, tempfile, time
 from .data import make_darkfield
 from skimage.segmentation import relabel_sequential
 
-# %% ../nbs/21_predict.ipynb #9849f751
+# %% ../nbs/21_predict.ipynb #d808d18d
 def check_tiling(tile:int, # tile side in pixels
                  overlap:int|float=32, # pixels shared by neighbouring tiles, or a fraction of the tile in (0, 1)
                  multiple:int=1): # the model's multiple: tiles are rounded down to it
@@ -42,7 +42,7 @@ def check_tiling(tile:int, # tile side in pixels
                          f"would not move (use a tile of at least {max(4*ov, 64)}, or a smaller overlap)")
     return t, ov
 
-# %% ../nbs/21_predict.ipynb #b1e6e9a3
+# %% ../nbs/21_predict.ipynb #7a002319
 def tile_starts(n:int, # image side in pixels
                 tile:int, overlap:int): # in pixels, overlap < tile
     "Offsets of the fewest `tile`-pixel windows covering `n` pixels, neighbours sharing >= `overlap`, spread evenly."
@@ -50,7 +50,7 @@ def tile_starts(n:int, # image side in pixels
     k = math.ceil((n - overlap)/(tile - overlap))   # k tiles cover k*tile - (k-1)*overlap pixels
     return [round(i*(n - tile)/(k - 1)) for i in range(k)]
 
-# %% ../nbs/21_predict.ipynb #2b185e00
+# %% ../nbs/21_predict.ipynb #0fc21ccf
 def _edge_weights(w:torch.Tensor, # (T,) weights of the positions along one side of a tile
                   start:int, n:int, # the tile's offset and the image side
                   margin:int):
@@ -60,7 +60,7 @@ def _edge_weights(w:torch.Tensor, # (T,) weights of the positions along one side
     if margin and start + len(w) < n: w[len(w)-margin:] = 0
     return w
 
-# %% ../nbs/21_predict.ipynb #e46baac0
+# %% ../nbs/21_predict.ipynb #22e6f3b3
 BLENDS = ('gaussian', 'constant')
 
 def blend_weights(tile:int, # tile side in pixels
@@ -72,7 +72,7 @@ def blend_weights(tile:int, # tile side in pixels
     u = torch.arange(tile, dtype=torch.float64) - (tile - 1)/2
     return torch.exp(-u**2/(2*(sigma_scale*tile)**2)).clamp(min=1e-3).float()
 
-# %% ../nbs/21_predict.ipynb #012e40a2
+# %% ../nbs/21_predict.ipynb #92848f5a
 def _model_device(model):
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device('cpu')
@@ -84,7 +84,7 @@ def _side_weights(starts, t:int, n:int, blend:str, margin:int):
     for s, ws in w.items(): total[s:s+t] += ws
     return w, total
 
-# %% ../nbs/21_predict.ipynb #decefc1a
+# %% ../nbs/21_predict.ipynb #f31ebe7f
 @torch.no_grad()
 def predict_logits(model, x:torch.Tensor, # (N,3,H,W) normalised images (a big slide: keep it on the CPU)
                    tile:int|None=None, # tile side (None: the whole image in one forward pass)
@@ -112,7 +112,7 @@ def predict_logits(model, x:torch.Tensor, # (N,3,H,W) normalised images (a big s
         for (i, y, v), l in zip(batch, lg): acc[i, :, y:y+th, v:v+tw] += l*torch.outer(wy[y], wx[v])
     return acc.div_(sy[:, None]).div_(sx).to(x.device)     # the weights' sum is outer(sy, sx): divide by each
 
-# %% ../nbs/21_predict.ipynb #4628bdb4
+# %% ../nbs/21_predict.ipynb #2c99d521
 def darkfield_mosaic(seed:int=0, size:int=1024, # side of the slide
                      scale:int=128, # side of each field: objects keep the size they have on a `scale`² slide
                      binary:bool=False, instances:bool=False):
@@ -127,7 +127,7 @@ def darkfield_mosaic(seed:int=0, size:int=1024, # side of the slide
     img, mask = img[:size, :size], mask[:size, :size]
     return (img, mask, relabel_sequential(inst[:size, :size])[0]) if instances else (img, mask)
 
-# %% ../nbs/21_predict.ipynb #7ebba768
+# %% ../nbs/21_predict.ipynb #81b0e23e
 def _rss_peak(reset:bool=False): # Linux: first reset the peak to the current size
     "Peak resident memory of this process in bytes: since the last reset on Linux (VmHWM), else since it started."
     if reset:
@@ -157,7 +157,7 @@ def _timed(model, x, device, **kw):
     del y
     return secs, None if peak is None else peak/2**20
 
-# %% ../nbs/21_predict.ipynb #05a9c266
+# %% ../nbs/21_predict.ipynb #76a4c0ee
 def _measure(model_file, size:int, tile, overlap, blend, tile_batch:int, threads:int):
     "In a fresh process: seconds and peak MB of predicting a random `size`² slide (whole when `tile` is None)."
     torch.set_num_threads(threads)
@@ -176,7 +176,7 @@ def _in_child(kw:dict):
     if r.returncode: raise RuntimeError(f"measuring tile={kw['tile']} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
-# %% ../nbs/21_predict.ipynb #04dc6048
+# %% ../nbs/21_predict.ipynb #5c274c41
 def tiled_throughput(model, size:int=4096, # side of the square random slide
                      tile:int=512, overlap:int|float=32, blend:str='gaussian', tile_batch:int=4,
                      device=None): # where the model runs (default: the model's device)
