@@ -137,7 +137,7 @@ def _add_model_args(p):
     for part in ('encoder', 'decoder', 'head'):
         p.add_argument(f'--freeze-{part}', action='store_true', help=f"do not train the {part}")
 
-# %% ../nbs/25_cli.ipynb #2cdf3e9e
+# %% ../nbs/25_cli.ipynb #9cbd0af2
 def _add_tile_args(p):
     "Tiled inference flags (lesson 21): --tile, --overlap, --blend, --tile-batch."
     p.add_argument('--tile', type=int, default=None, help="predict large images in overlapping tiles of this side (default: whole images)")
@@ -473,7 +473,7 @@ def cmd_predict(a):
                            tile_batch=a.tile_batch)
     print(f"wrote {len(paths)} masks to {a.out}" + ('' if a.no_overlays else f" (overlays in {Path(a.out)/'overlays'})"))
 
-# %% ../nbs/25_cli.ipynb #8aa3e651
+# %% ../nbs/25_cli.ipynb #72ec3288
 def _foreground_classes(cfg:dict, ckpt):
     "The class names of a checkpoint, refused when there is no foreground class to count."
     classes = list(cfg.get('classes') or [f'class {i}' for i in range(cfg.get('n_classes', 0))])
@@ -497,7 +497,7 @@ def _staged(out, fill): # the output folder, and a function that writes into the
         shutil.rmtree(stage, ignore_errors=True)
         if new and not done: shutil.rmtree(out, ignore_errors=True)
 
-# %% ../nbs/25_cli.ipynb #c40e716e
+# %% ../nbs/25_cli.ipynb #abee5eb6
 def cmd_count(a):
     "Count the objects per image and class: counts.csv, <stem>_labels.png (16-bit) and <stem>_outlines.png."
     from segtutor.checkpoint import load_model
@@ -511,7 +511,8 @@ def cmd_count(a):
     _check_tile(a.tile, ov, getattr(model, 'multiple', 32))
     files = list_inputs(a.input)                # fail on a missing/empty input before creating anything
     norm = cfg.get('norm', 'per_image')
-    palette = [tuple(c) for c in cfg.get('palette') or _palette(parse_data_spec(cfg.get('data') or 'synthetic')[0], len(classes))]
+    kind = parse_data_spec(cfg.get('data') or 'synthetic')[0]
+    palette = [tuple(c) for c in cfg.get('palette') or _palette(kind, len(classes))]
     predict = lambda img: predict_image(model, img, norm, device, a.tile, a.threshold, ov, a.blend, a.tile_batch)
     rows = _staged(a.out, lambda d: count_folder(a.input, d, predict, classes, a.method, a.min_size,
                                                  progress=len(files) > 20, palette=palette))
@@ -519,7 +520,7 @@ def cmd_count(a):
     print(f"counted {len(files)} images: " + ', '.join(f"{n} {c}" for c, n in total.items())
           + f"; wrote {Path(a.out)/'counts.csv'}, instance labels and outlines")
 
-# %% ../nbs/25_cli.ipynb #68b57904
+# %% ../nbs/25_cli.ipynb #22bca5e6
 _EXPORT_TORCH = (2, 8)   # Dim.DYNAMIC(min=...) in torch.export and torch.onnx.export(..., dynamo=True)
 
 def _export_torch_problem(version:str|None=None): # default: the installed torch.__version__
@@ -528,7 +529,8 @@ def _export_torch_problem(version:str|None=None): # default: the installed torch
     v = version or torch.__version__
     nums = tuple(int(p) for p in re.findall(r'\d+', v.split('+')[0])[:2])
     need = '.'.join(map(str, _EXPORT_TORCH))
-    msg = f"export needs torch {need} or newer (torch.export's Dim.DYNAMIC with a minimum, the dynamo ONNX exporter); this is torch {v}: pip install -U 'torch>={need}'"
+    msg = (f"export needs torch {need} or newer (torch.export's Dim.DYNAMIC with a minimum, the dynamo ONNX "
+           f"exporter); this is torch {v}: pip install -U 'torch>={need}'")
     if nums < _EXPORT_TORCH: return msg
     try:
         from torch.export import Dim
@@ -548,15 +550,17 @@ def _export_format(fmt, out):
     if suffix != fmt: raise CLIError(f"--out {out}: a {fmt} export must be written to a file ending in .{fmt}")
     return fmt
 
-# %% ../nbs/25_cli.ipynb #1b6db753
+# %% ../nbs/25_cli.ipynb #f923f736
 def cmd_export(a):
     "Export a checkpoint to ONNX or .pt2 (dynamic batch, height and width), checked against the model."
     import importlib.util
     fmt = _export_format(a.format, a.out)
     problem = _export_torch_problem()
     if problem: raise CLIError(problem)
-    missing = [m for m in ('onnx', 'onnxscript', 'onnxruntime') if fmt == 'onnx' and importlib.util.find_spec(m) is None]
-    if missing: raise CLIError(f"ONNX export needs {', '.join(missing)}, not installed: pip install 'segtutor[export]'")
+    need = ('onnx', 'onnxscript', 'onnxruntime') if fmt == 'onnx' else ()
+    missing = [m for m in need if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CLIError(f"ONNX export needs {', '.join(missing)}, not installed: pip install 'segtutor[export]'")
     from segtutor.checkpoint import load_checkpoint
     from segtutor.export import export_model, ExportError
     load_checkpoint(a.ckpt)                      # a bad checkpoint fails before any folder is made
@@ -607,7 +611,7 @@ def _write_report(out, metrics, table, hist, lr, secs, pics):
     style = "body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px}img{max-width:100%}"
     (out/'report.html').write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>segtutor demo</title><style>{style}</style></head><body>{body}</body></html>")
 
-# %% ../nbs/25_cli.ipynb #ad3a4ec1
+# %% ../nbs/25_cli.ipynb #911f3be9
 def _true_counts(fn, i:int, classes):
     "True object counts of demo prediction slide `i` (`make_darkfield(900_000+i)` cropped), None if `fn` is not that slide."
     import numpy as np
@@ -624,14 +628,16 @@ def _counts_section(model, norm:str, classes, inputs, out, device=None):
     import numpy as np
     from segtutor.instances import count_folder
     from segtutor.predict import predict_image, list_inputs
-    rows = count_folder(inputs, Path(out)/'counts', lambda im: predict_image(model, im, norm, device), classes, progress=False)
+    predict = lambda im: predict_image(model, im, norm, device)
+    rows = count_folder(inputs, Path(out)/'counts', predict, classes, progress=False)
     files = list_inputs(inputs)
     truth = [_true_counts(f, int(re.sub(r'\D', '', f.stem) or -1), classes) for f in files]
     pred = {(r['image'], r['class']): r['count'] for r in rows}
     lines = ['| class | true | predicted | mean abs. error per slide |', '|---|---|---|---|']
     table = {}
     for c in classes[1:]:
-        t = [tc[c] for tc in truth if tc is not None]; p = [pred[f.name, c] for f, tc in zip(files, truth) if tc is not None]
+        t = [tc[c] for tc in truth if tc is not None]
+        p = [pred[f.name, c] for f, tc in zip(files, truth) if tc is not None]
         table[c] = dict(true=sum(t), predicted=sum(p), mae=float(np.mean(np.abs(np.subtract(p, t)))) if t else None)
         lines.append(f"| {c} | {sum(t)} | {sum(p)} | {table[c]['mae']:.2f} |" if t else f"| {c} | ? | {sum(p)} | ? |")
     md_ = (f"## Object counts\n\nObjects counted on the {len(files)} prediction slides (`counts/counts.csv`, label PNGs "
@@ -642,7 +648,8 @@ def _counts_section(model, norm:str, classes, inputs, out, device=None):
     page = Path(out)/'report.html'
     if page.exists():
         cells = lambda l, tag: ''.join(f'<{tag}>{html.escape(c.strip())}</{tag}>' for c in l.split('|')[1:-1])
-        tab = f"<table><tr>{cells(lines[0], 'th')}</tr>" + ''.join(f"<tr>{cells(l, 'td')}</tr>" for l in lines[2:]) + '</table>'
+        body = ''.join(f"<tr>{cells(l, 'td')}</tr>" for l in lines[2:])
+        tab = f"<table><tr>{cells(lines[0], 'th')}</tr>{body}</table>"
         h = (f"<h2>Object counts</h2><p>Objects counted on the {len(files)} prediction slides against the generator's "
              f"true objects.</p>{tab}")
         page.write_text(page.read_text().replace('</body>', h + '</body>'))

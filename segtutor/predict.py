@@ -21,7 +21,7 @@ import json, math, subprocess, sys, tempfile, time
 from .data import make_darkfield
 from skimage.segmentation import relabel_sequential
 
-# %% ../nbs/21_predict.ipynb #d808d18d
+# %% ../nbs/21_predict.ipynb #43b54765
 def check_tiling(tile:int, # tile side in pixels
                  overlap:int|float=32, # pixels shared by neighbouring tiles, or a fraction of the tile in (0, 1)
                  multiple:int=1): # the model's multiple: tiles are rounded down to it
@@ -42,7 +42,7 @@ def check_tiling(tile:int, # tile side in pixels
                          f"would not move (use a tile of at least {max(4*ov, 64)}, or a smaller overlap)")
     return t, ov
 
-# %% ../nbs/21_predict.ipynb #7a002319
+# %% ../nbs/21_predict.ipynb #a5469309
 def tile_starts(n:int, # image side in pixels
                 tile:int, overlap:int): # in pixels, overlap < tile
     "Offsets of the fewest `tile`-pixel windows covering `n` pixels, neighbours sharing >= `overlap`, spread evenly."
@@ -50,7 +50,7 @@ def tile_starts(n:int, # image side in pixels
     k = math.ceil((n - overlap)/(tile - overlap))   # k tiles cover k*tile - (k-1)*overlap pixels
     return [round(i*(n - tile)/(k - 1)) for i in range(k)]
 
-# %% ../nbs/21_predict.ipynb #0fc21ccf
+# %% ../nbs/21_predict.ipynb #160c5c47
 def _edge_weights(w:torch.Tensor, # (T,) weights of the positions along one side of a tile
                   start:int, n:int, # the tile's offset and the image side
                   margin:int):
@@ -60,7 +60,7 @@ def _edge_weights(w:torch.Tensor, # (T,) weights of the positions along one side
     if margin and start + len(w) < n: w[len(w)-margin:] = 0
     return w
 
-# %% ../nbs/21_predict.ipynb #22e6f3b3
+# %% ../nbs/21_predict.ipynb #10ec2cee
 BLENDS = ('gaussian', 'constant')
 
 def blend_weights(tile:int, # tile side in pixels
@@ -72,7 +72,7 @@ def blend_weights(tile:int, # tile side in pixels
     u = torch.arange(tile, dtype=torch.float64) - (tile - 1)/2
     return torch.exp(-u**2/(2*(sigma_scale*tile)**2)).clamp(min=1e-3).float()
 
-# %% ../nbs/21_predict.ipynb #92848f5a
+# %% ../nbs/21_predict.ipynb #dcf2a86f
 def _model_device(model):
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device('cpu')
@@ -84,7 +84,20 @@ def _side_weights(starts, t:int, n:int, blend:str, margin:int):
     for s, ws in w.items(): total[s:s+t] += ws
     return w, total
 
-# %% ../nbs/21_predict.ipynb #f31ebe7f
+def _accumulate(model, x, tiles, # (image, y0, x0) of every tile
+                size, wy, wx, # (th, tw), and each tile's 1-D weights by its y0 and x0
+                mult:int, tile_batch:int, progress:bool):
+    "(N,C,H,W) CPU sum of every tile's logits times its weights; the tiles visit the model's device in batches."
+    (th, tw), dev, acc = size, _model_device(model), None
+    for b in tqdm(range(0, len(tiles), tile_batch), desc='tiles', disable=not progress, leave=False):
+        batch = tiles[b:b+tile_batch]
+        xb = torch.stack([x[i, :, y:y+th, v:v+tw] for i, y, v in batch]).to(dev)
+        lg = forward_padded(model, xb, mult).float().cpu()
+        if acc is None: acc = torch.zeros(x.shape[0], lg.shape[1], *x.shape[-2:])
+        for (i, y, v), l in zip(batch, lg): acc[i, :, y:y+th, v:v+tw] += l*torch.outer(wy[y], wx[v])
+    return acc
+
+# %% ../nbs/21_predict.ipynb #c622e6e4
 @torch.no_grad()
 def predict_logits(model, x:torch.Tensor, # (N,3,H,W) normalised images (a big slide: keep it on the CPU)
                    tile:int|None=None, # tile side (None: the whole image in one forward pass)
@@ -99,20 +112,18 @@ def predict_logits(model, x:torch.Tensor, # (N,3,H,W) normalised images (a big s
     if tile is None: return forward_padded(model, x.to(dev), mult).to(x.device)
     (N, _, H, W), (t, ov) = x.shape, check_tiling(tile, overlap, mult)
     th, tw, m = min(t, H), min(t, W), ov//4 if margin is None else margin
-    if not 0 <= 2*m <= ov: raise ValueError(f"margin {m}: must lie in 0..{ov//2} (half the overlap), or tiles leave gaps")
+    if not 0 <= 2*m <= ov:
+        raise ValueError(f"margin {m}: must lie in 0..{ov//2} (half the overlap), or tiles leave gaps")
     ys, xs = tile_starts(H, th, ov), tile_starts(W, tw, ov)
-    if len(ys) == len(xs) == 1:    # one tile: the whole image
-        return torch.cat([forward_padded(model, x[i:i+tile_batch].to(dev), mult).float().to(x.device) for i in range(0, N, tile_batch)])
+    if len(ys) == len(xs) == 1:    # one tile: the whole image, `tile_batch` images at a time
+        return torch.cat([forward_padded(model, x[i:i+tile_batch].to(dev), mult).float().to(x.device)
+                          for i in range(0, N, tile_batch)])
     (wy, sy), (wx, sx) = _side_weights(ys, th, H, blend, m), _side_weights(xs, tw, W, blend, m)
-    jobs, acc = [(i, y, v) for i in range(N) for y in ys for v in xs], None
-    for b in tqdm(range(0, len(jobs), tile_batch), desc='tiles', disable=not progress, leave=False):
-        batch = jobs[b:b+tile_batch]
-        lg = forward_padded(model, torch.stack([x[i, :, y:y+th, v:v+tw] for i, y, v in batch]).to(dev), mult).float().cpu()
-        if acc is None: acc = torch.zeros(N, lg.shape[1], H, W)
-        for (i, y, v), l in zip(batch, lg): acc[i, :, y:y+th, v:v+tw] += l*torch.outer(wy[y], wx[v])
+    tiles = [(i, y, v) for i in range(N) for y in ys for v in xs]
+    acc = _accumulate(model, x, tiles, (th, tw), wy, wx, mult, tile_batch, progress)
     return acc.div_(sy[:, None]).div_(sx).to(x.device)     # the weights' sum is outer(sy, sx): divide by each
 
-# %% ../nbs/21_predict.ipynb #2c99d521
+# %% ../nbs/21_predict.ipynb #73fb4217
 def darkfield_mosaic(seed:int=0, size:int=1024, # side of the slide
                      scale:int=128, # side of each field: objects keep the size they have on a `scale`² slide
                      binary:bool=False, instances:bool=False):
@@ -122,12 +133,13 @@ def darkfield_mosaic(seed:int=0, size:int=1024, # side of the slide
     img, mask, inst = np.zeros((n, n, 3), np.uint8), np.zeros((n, n), np.uint8), np.zeros((n, n), np.int32)
     for j, s in enumerate(seeds):
         y, x = (j // k)*scale, (j % k)*scale
-        img[y:y+scale, x:x+scale], mask[y:y+scale, x:x+scale], ins = make_darkfield(int(s), scale, binary, instances=True)
+        im, m, ins = make_darkfield(int(s), scale, binary, instances=True)
+        img[y:y+scale, x:x+scale], mask[y:y+scale, x:x+scale] = im, m
         inst[y:y+scale, x:x+scale] = np.where(ins > 0, ins + inst.max(), 0)   # ids stay unique across fields
     img, mask = img[:size, :size], mask[:size, :size]
     return (img, mask, relabel_sequential(inst[:size, :size])[0]) if instances else (img, mask)
 
-# %% ../nbs/21_predict.ipynb #81b0e23e
+# %% ../nbs/21_predict.ipynb #24e6f37f
 def _rss_peak(reset:bool=False): # Linux: first reset the peak to the current size
     "Peak resident memory of this process in bytes: since the last reset on Linux (VmHWM), else since it started."
     if reset:
@@ -157,7 +169,7 @@ def _timed(model, x, device, **kw):
     del y
     return secs, None if peak is None else peak/2**20
 
-# %% ../nbs/21_predict.ipynb #76a4c0ee
+# %% ../nbs/21_predict.ipynb #dbd2a5b0
 def _measure(model_file, size:int, tile, overlap, blend, tile_batch:int, threads:int):
     "In a fresh process: seconds and peak MB of predicting a random `size`² slide (whole when `tile` is None)."
     torch.set_num_threads(threads)
@@ -169,14 +181,17 @@ def _measure(model_file, size:int, tile, overlap, blend, tile_batch:int, threads
 def _in_child(kw:dict):
     "`_measure(**kw)` in a fresh Python process, so that its peak memory is its own."
     import segtutor
-    path = os.pathsep.join(p for p in [str(Path(segtutor.__file__).parent.parent), os.environ.get('PYTHONPATH')] if p)
-    code = 'import json, sys; from segtutor.predict import _measure; print(json.dumps(_measure(**json.loads(sys.argv[1]))))'
+    root = str(Path(segtutor.__file__).parent.parent)   # the package the parent imported, wherever it lives
+    path = os.pathsep.join(p for p in [root, os.environ.get('PYTHONPATH')] if p)
+    code = ('import json, sys; from segtutor.predict import _measure; '
+            'print(json.dumps(_measure(**json.loads(sys.argv[1]))))')
     r = subprocess.run([sys.executable, '-c', code, json.dumps(kw)], capture_output=True, text=True,
                        env={**os.environ, 'PYTHONPATH': path})
-    if r.returncode: raise RuntimeError(f"measuring tile={kw['tile']} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    if r.returncode:
+        raise RuntimeError(f"measuring tile={kw['tile']} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
-# %% ../nbs/21_predict.ipynb #5c274c41
+# %% ../nbs/21_predict.ipynb #cd267523
 def tiled_throughput(model, size:int=4096, # side of the square random slide
                      tile:int=512, overlap:int|float=32, blend:str='gaussian', tile_batch:int=4,
                      device=None): # where the model runs (default: the model's device)
