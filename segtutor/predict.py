@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .data import load_image, save_mask, overlay, SegDataError, IMG_EXTS
 from .augment import normalize
 from .evaluate import forward_padded, probs_to_mask
-import json, math, subprocess, sys, tempfile, time
+import copy, json, math, subprocess, sys, tempfile, time
 from .data import make_darkfield
 from skimage.segmentation import relabel_sequential
 
@@ -191,28 +191,33 @@ def _in_child(kw:dict):
         raise RuntimeError(f"measuring tile={kw['tile']} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
-# %% ../nbs/21_predict.ipynb #cd267523
+# %% ../nbs/21_predict.ipynb #48cf764d
+def _runner(model, size:int, device, d, **kw): # d: a scratch folder
+    "A function tile -> (seconds, peak MB) of one random `size`² slide: in this process on CUDA, else in a fresh one."
+    if device.type == 'cuda':
+        m = copy.deepcopy(model).to(device).eval()
+        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        predict_logits(m, x[..., :64, :64].to(device))                # load the kernels before measuring
+        return lambda tile: _timed(m, x, device, tile=tile, **kw)
+    torch.save(copy.deepcopy(model).cpu(), Path(d)/'model.pt')
+    base = dict(model_file=str(Path(d)/'model.pt'), size=size, threads=torch.get_num_threads(), **kw)
+    return lambda tile: tuple(_in_child(dict(base, tile=tile)))
+
 def tiled_throughput(model, size:int=4096, # side of the square random slide
                      tile:int=512, overlap:int|float=32, blend:str='gaussian', tile_batch:int=4,
                      device=None): # where the model runs (default: the model's device)
     "Tiled vs whole-image prediction of one `size`² slide: seconds, pixels/s, peak MB and tiled/whole ratios."
     device = torch.device(device) if device is not None else _model_device(model)
-    kw = dict(overlap=overlap, blend=blend, tile_batch=tile_batch)
-    if device.type == 'cuda':
-        model = model.to(device).eval()
-        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-        predict_logits(model, x[..., :64, :64].to(device))
-        (ts, tm), (ws, wm) = _timed(model, x, device, tile=tile, **kw), _timed(model, x, device, tile=None, **kw)
-    else:
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(model.cpu(), Path(d)/'model.pt')
-            base = dict(model_file=str(Path(d)/'model.pt'), size=size, threads=torch.get_num_threads(), **kw)
-            (ts, tm), (ws, wm) = _in_child(dict(base, tile=tile)), _in_child(dict(base, tile=None))
-    t, ov = check_tiling(tile, overlap, getattr(model, 'multiple', 1))
+    t, ov = check_tiling(tile, overlap, getattr(model, 'multiple', 32))   # bad settings fail before any work
+    with tempfile.TemporaryDirectory() as d:
+        run = _runner(model, size, device, d, overlap=overlap, blend=blend, tile_batch=tile_batch)
+        (ts, tm), whole_error = run(tile), None
+        try: ws, wm = run(None)
+        except (RuntimeError, MemoryError) as e: (ws, wm), whole_error = (None, None), str(e).splitlines()[0]
     return dict(size=size, tile=t, overlap=ov, blend=blend, tile_batch=tile_batch, device=str(device),
-                n_tiles=len(tile_starts(size, min(t, size), ov))**2, tiled_s=ts, whole_s=ws,
-                tiled_px_s=size*size/ts, whole_px_s=size*size/ws, ratio=ws/ts, tiled_peak_mb=tm, whole_peak_mb=wm,
-                memory_ratio=tm/wm if tm and wm else None)
+                n_tiles=len(tile_starts(size, min(t, size), ov))**2, tiled_s=ts, whole_s=ws, tiled_px_s=size*size/ts,
+                whole_px_s=ws and size*size/ws, ratio=ws and ws/ts, tiled_peak_mb=tm, whole_peak_mb=wm,
+                memory_ratio=tm/wm if tm and wm else None, whole_error=whole_error)
 
 # %% ../nbs/21_predict.ipynb #0242bb2d
 def predict_image(model, img:np.ndarray, # (H,W,3) uint8 image
