@@ -4,14 +4,14 @@
 
 # %% auto #0
 __all__ = ['SCHEDULERS', 'LOSSES', 'parse_data_spec', 'load_data', 'CLIError', 'build_parser', 'cmd_make_data', 'cmd_train',
-           'cmd_lr_find', 'cmd_evaluate', 'cmd_predict', 'cmd_demo', 'main']
+           'cmd_lr_find', 'cmd_evaluate', 'cmd_predict', 'cmd_count', 'cmd_export', 'cmd_demo', 'main']
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #fd497e02
 import argparse, base64, html, json, math, os, re, sys, time, traceback
 from pathlib import Path
 from PIL import Image   # torch is imported inside the commands that need it, so `segtutor --help` answers at once
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #a7208c06
 def parse_data_spec(spec:str):
     "Split a data spec into (kind, root): 'synthetic', 'pets:ROOT', 'voc:ROOT', 'coco:ROOT' or a folder."
     for kind in ('pets', 'voc', 'coco'):
@@ -19,7 +19,7 @@ def parse_data_spec(spec:str):
     if spec == 'synthetic': return 'synthetic', None
     return 'folder', spec
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #1b797907
 def _check_masks(ds, n_classes, progress=True):
     "Read every mask of a folder dataset with `n_classes` declared (raises `SegDataError` naming the first bad file)."
     from tqdm.auto import tqdm
@@ -52,7 +52,7 @@ def load_data(spec:str, num_classes:int|None=None, mask_suffix:str='', valid_pct
         raise SegDataError(f"{root}: {kind} has {len(tr.classes)} classes, not --num-classes {num_classes}")
     return tr, va, tr.classes
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #e0eb757b
 class CLIError(Exception):
     "An error the command reports as one line (exit status 2)."
 
@@ -83,7 +83,7 @@ def _run(fn, args):
         print(f"segtutor {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #f2d2b76c
 def _worker_error(msg:str): # the text of an exception re-raised by a DataLoader (or pin-memory thread)
     "(exception name, first line of the original message) of an error re-raised from a worker, else None."
     first, _, rest = msg.strip().partition('\n')
@@ -95,7 +95,7 @@ def _worker_error(msg:str): # the text of an exception re-raised by a DataLoader
         if hit: return name, (hit.group(1) or '').strip() or name
     return name, next((l.strip() for l in reversed(lines) if l.strip()), name)
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #2c8da3df
 def _out_dir(path, what='output folder'):
     "Create `path` (and parents) and check it is writable, or raise a `CLIError` naming it."
     p = Path(path)
@@ -110,7 +110,7 @@ def _write_json(obj, fn):
     fn = Path(fn); tmp = fn.with_name(f'.{fn.name}.tmp')
     tmp.write_text(json.dumps(obj, indent=2)); os.replace(tmp, fn)
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #6821a690
 SCHEDULERS = ['onecycle', 'cosine', 'step', 'exponential', 'cyclic', 'poly', 'constant']
 LOSSES = ['ce', 'dice', 'ce+dice', 'bce+dice', 'focal', 'tversky', 'focal-tversky']
 
@@ -144,7 +144,15 @@ def _add_engine_args(p):
     p.add_argument('--num-nodes', type=int, default=1, help="lightning: machines, each started by torchrun or srun (default 1)")
     p.add_argument('--strategy', default='auto', help="lightning: ddp, ddp_spawn, fsdp, ... (default auto: ddp for several processes)")
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #9cbd0af2
+def _add_tile_args(p):
+    "Tiled inference flags (lesson 21): --tile, --overlap, --blend, --tile-batch."
+    p.add_argument('--tile', type=int, default=None, help="predict large images in overlapping tiles of this side (default: whole images)")
+    p.add_argument('--overlap', type=float, default=None, help="pixels shared by neighbouring tiles, or a fraction of the tile below 1 (default 32 pixels)")
+    p.add_argument('--blend', default='gaussian', choices=['gaussian', 'constant'], help="weights where tiles overlap (default gaussian)")
+    p.add_argument('--tile-batch', type=int, default=4, help="tiles per forward pass, what bounds device memory (default 4)")
+
+# %% ../nbs/25_cli.ipynb #f6b250a0
 def build_parser():
     "The `segtutor` argument parser with its subcommands."
     ap = argparse.ArgumentParser(prog='segtutor', description="Semantic segmentation tutorial toolkit: train, evaluate and predict.")
@@ -158,7 +166,9 @@ def build_parser():
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps']); p.add_argument('--seed', type=int, default=0)
     p = sub.add_parser('make-data', help="write the synthetic darkfield dataset")
     p.add_argument('dir', help="destination folder (gets images/ and masks/)")
-    p.add_argument('--n', type=int, default=200); p.add_argument('--size', type=int, default=128)
+    p.add_argument('--n', type=int, default=200)
+    p.add_argument('--size', type=int, default=128, help="slide side in pixels (default 128); objects grow with it unless --scale is given")
+    p.add_argument('--scale', type=int, default=None, help="large slides: tile each one from fields of this side, objects keeping their size on such fields (e.g. --size 2048 --scale 128)")
     p.add_argument('--binary', action='store_true', help="0/1 masks instead of 0/1/2"); p.add_argument('--seed', type=int, default=0)
     p = sub.add_parser('train', help="train a model"); _add_data_args(p); _add_model_args(p)
     p.add_argument('--out', required=True, help="run folder: best.pt, last.pt, config.json, metrics.csv, curves")
@@ -180,25 +190,50 @@ def build_parser():
     p.add_argument('--ckpt', required=True); p.add_argument('--data', required=True, help="DIR (all its pairs), pets:ROOT, voc:ROOT, coco:ROOT (their validation split) or synthetic")
     p.add_argument('--json', default=None, help="write the metrics as JSON here"); p.add_argument('--mask-suffix', default='')
     p.add_argument('--batch-size', type=int, default=8); p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'])
-    p.add_argument('--threshold', type=float, default=None, help="binary tasks: threshold on P(class 1)"); p.add_argument('--tile', type=int, default=None)
+    p.add_argument('--threshold', type=float, default=None, help="binary tasks: threshold on P(class 1)"); _add_tile_args(p)
     p = sub.add_parser('predict', help="predict masks for an image or a folder")
     p.add_argument('--ckpt', required=True); p.add_argument('--input', required=True); p.add_argument('--out', required=True)
     p.add_argument('--batch-size', type=int, default=8); p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps'])
-    p.add_argument('--threshold', type=float, default=None); p.add_argument('--tile', type=int, default=None, help="tile side for large images (larger than the overlap between tiles)")
+    p.add_argument('--threshold', type=float, default=None); _add_tile_args(p)
     p.add_argument('--no-overlays', action='store_true')
+    p = sub.add_parser('count', help="count the objects of each class in an image or a folder")
+    p.add_argument('--ckpt', required=True); p.add_argument('--input', required=True); p.add_argument('--out', required=True)
+    p.add_argument('--method', default='auto', choices=['auto', 'watershed', 'components'], help="how touching objects are split: watershed, components, or auto (default: watershed for round cells, components for threads)")
+    p.add_argument('--min-size', type=int, default=0, help="drop objects of fewer pixels (default 0)")
+    p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps']); p.add_argument('--threshold', type=float, default=None); _add_tile_args(p)
+    p = sub.add_parser('export', help="export a checkpoint to ONNX or torch.export (.pt2), checked against the model")
+    p.add_argument('--ckpt', required=True); p.add_argument('--out', required=True, help="the file to write: .onnx or .pt2")
+    p.add_argument('--format', default=None, help="onnx or pt2 (default: from the --out suffix)")
     p = sub.add_parser('bench', help="speed benchmark: the loop, data pipeline and inference against their bare limits")
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda']); p.add_argument('--quick', action='store_true')
     p.add_argument('--json', default=None)
     return ap
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #7a1b2c26
 def cmd_make_data(a):
-    "Write the synthetic darkfield set."
+    "Write the synthetic darkfield set (with `--scale`: large slides tiled from fields of that side)."
     from segtutor.data import write_darkfield
-    d = write_darkfield(_out_dir(a.dir), a.n, a.size, a.seed, a.binary)
-    print(f"wrote {a.n} image/mask pairs ({a.size}x{a.size}) to {d}/images and {d}/masks")
+    if a.n < 1 or a.size < 16: raise CLIError(f"--n {a.n} --size {a.size}: need at least one slide of at least 16 pixels")
+    if a.scale is not None and not 16 <= a.scale <= a.size:
+        raise CLIError(f"--scale {a.scale}: the field side must lie between 16 and --size ({a.size})")
+    if a.scale is None: d = write_darkfield(_out_dir(a.dir), a.n, a.size, a.seed, a.binary)
+    else: d = _write_mosaics(_out_dir(a.dir), a.n, a.size, a.scale, a.seed, a.binary)
+    how = '' if a.scale is None else f", each tiled from {a.scale}x{a.scale} fields"
+    print(f"wrote {a.n} image/mask pairs ({a.size}x{a.size}{how}) to {d}/images and {d}/masks")
 
-# %% ../nbs/25_cli.ipynb
+def _write_mosaics(dest, n:int, size:int, scale:int, seed:int, binary:bool):
+    "`write_darkfield`'s folder layout, with slides from `darkfield_mosaic`."
+    from tqdm.auto import tqdm
+    from segtutor.data import save_mask, CLASSES
+    from segtutor.predict import darkfield_mosaic
+    (dest/'images').mkdir(exist_ok=True); (dest/'masks').mkdir(exist_ok=True)
+    for i in tqdm(range(n), desc='slides', leave=False, disable=n*size*size < 2**24):
+        img, m = darkfield_mosaic(seed+i, size, scale, binary)
+        Image.fromarray(img).save(dest/'images'/f'{i:04d}.png'); save_mask(m, dest/'masks'/f'{i:04d}.png')
+    (dest/'classes.json').write_text(json.dumps(['background', 'object'] if binary else CLASSES))
+    return dest
+
+# %% ../nbs/25_cli.ipynb #154fff8f
 def _image_file(ds, i:int):
     "The image file of sample `i` of a folder, VOC or Pets dataset (None for other datasets)."
     if hasattr(ds, 'items'): return ds.items[i][0]
@@ -227,7 +262,7 @@ def _image_sizes(ds):
         if len(sizes) > 1: break
     return sizes
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #e3cae91b
 def _palette(kind:str, # the data spec's kind: 'synthetic', 'folder', 'voc', 'coco', 'pets'
              n:int):   # number of classes
     "One RGB colour per class: VOC's for VOC and COCO, the darkfield colours first otherwise, then distinct hues."
@@ -241,7 +276,7 @@ def _palette(kind:str, # the data spec's kind: 'synthetic', 'folder', 'voc', 'co
         pal.append([round(r*255), round(g*255), round(b*255)])
     return pal
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #16d0b833
 def _device(name):
     from segtutor.models.fcn import default_device
     return default_device(name)
@@ -268,7 +303,7 @@ def _build(a, train_ds, valid_ds, classes, device):
                   bs=a.batch_size, workers=workers, classes=classes, pin_memory=device.type == 'cuda', seed=a.seed)
     return dls, model, get_loss(a.loss, len(classes)), norm
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #4eafb42c
 def _check_lightning(a, device):
     "Fail early, in one line: Lightning missing, more `--devices` than here, an unknown `--strategy`, nodes without a launcher."
     try:
@@ -292,7 +327,7 @@ def _engine(a):
     from segtutor.lightning import LightningLearner
     return partial(LightningLearner, devices=a.devices, num_nodes=a.num_nodes, strategy=a.strategy)
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #1ba03331
 def _suggest_lr(model, dls, loss, a, out=None):
     "Run the LR finder; return one-cycle's peak learning rate, a tenth of the steepest-descent rate (and save the plot in `out`)."
     from segtutor.lr_finder import lr_find, one_cycle_lr, AUTO_LR
@@ -344,14 +379,14 @@ def cmd_train(a):
     best = max((h['miou'] for h in hist if h.get('miou') is not None and not math.isnan(h['miou'])), default=float('nan'))
     if learn.is_main: print(f"done: {len(hist)} epochs, best validation mIoU {best:.4f}; checkpoints in {out}")   # rank 0
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #894f06a7
 def _in_flags(msg:str):
     "A library message in the command's words: `grad_clip=X` becomes `--grad-clip X`, a suggested rate `--lr X`."
     msg = re.sub(r'\bgrad_clip=([\d.eE+-]+)', r'--grad-clip \1', msg)
     msg = re.sub(r'\(e\.g\. ([\d.eE+-]+)\)', r'(e.g. --lr \1)', msg)
     return msg.replace('run lr_find', 'use --lr auto')
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #69295f0c
 _RESUME_FREE = ('cmd', 'out', 'resume', 'workers', 'device', 'tensorboard')   # what a resumed run may change
 _OLD_KEYS = ('model', 'data', 'img_size', 'loss', 'scheduler', 'epochs', 'batch_size', 'wd', 'seed', 'weights', 'norm')
 
@@ -367,7 +402,7 @@ def _train_flags(a):
     flags = {k: v for k, v in vars(a).items() if k not in _RESUME_FREE and not k.startswith('_')}
     return {**flags, 'data': _abs_spec(a.data)}
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #250c5dba
 def _given_flags(argv=None): # the command line (default `sys.argv[1:]`)
     "Destinations of the options written out in `argv`: a second parse in which nothing has a default."
     ap = build_parser()
@@ -390,7 +425,7 @@ def _flag(k:str, v):
     if v is False and k == 'amp': return '--no-amp'
     return f'no {f}' if v is None or v is False else f'{f} {v}'
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #7fe2de2e
 def _resume_args(a):
     "The saved run's flags for `train --resume`, refusing given flags that contradict them; None when the run is over."
     from segtutor.checkpoint import load_checkpoint
@@ -410,7 +445,7 @@ def _resume_args(a):
         print(f"{last}: the run stopped early after epoch {ck['epoch']} (no better mIoU for {p} epochs); nothing to resume")
     else: return argparse.Namespace(**{**vars(a), **saved})
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #869aacbb
 def cmd_lr_find(a):
     "Print the suggested learning rate and write `lr_find.png`."
     device = _device(a.device)
@@ -423,34 +458,36 @@ def cmd_lr_find(a):
     print(' '.join(f"{k}={v:.2e}" for k, v in sugg.items() if v is not None))
     print(f"suggested one-cycle peak lr (steepest/10): {lr:.2e} (plot: {out/'lr_find.png'})")
 
-# %% ../nbs/25_cli.ipynb
-def _check_tile(tile:int|None):
-    "Raise a `CLIError` for a `--tile` that tiled inference cannot use (not larger than the overlap of tiles)."
+# %% ../nbs/25_cli.ipynb #9f86fc31
+def _check_tile(tile:int|None, overlap=None, # --tile and --overlap (None: `predict_logits`' default)
+                multiple:int=1): # the model's multiple, once it is known
+    "The overlap to tile with; a `CLIError` for --tile/--overlap that tiled inference cannot use."
     import inspect
-    from segtutor.predict import predict_logits
-    ov = inspect.signature(predict_logits).parameters.get('overlap')
-    ov = ov.default if ov is not None and isinstance(ov.default, int) else 0
-    if tile is not None and (tile < 1 or tile <= ov):
-        raise CLIError(f"--tile {tile}: a tile must be larger than the {ov}-pixel overlap between tiles "
-                       f"(e.g. --tile {max(4*ov, 64)}), or leave --tile out")
+    from segtutor.predict import predict_logits, check_tiling
+    if overlap is None: overlap = inspect.signature(predict_logits).parameters['overlap'].default
+    if tile is None: return overlap
+    try: check_tiling(tile, overlap, multiple)
+    except ValueError as e: raise CLIError(f"--{e}, or leave --tile out") from None
+    return overlap
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #e98a22ea
 def cmd_evaluate(a):
     "Metrics of a checkpoint on a dataset; `--json` writes pixel_accuracy, miou, per_class_iou, dice."
     from functools import partial
     from segtutor.checkpoint import load_model
     from segtutor.evaluate import evaluate, per_class_table
     from segtutor.predict import predict_logits
-    _check_tile(a.tile)
+    ov = _check_tile(a.tile, a.overlap)
     device = _device(a.device)
     model, cfg = load_model(a.ckpt, device)
+    _check_tile(a.tile, ov, getattr(model, 'multiple', 32))
     n = cfg['n_classes']
     kind = parse_data_spec(a.data)[0]
     tr, va, classes = load_data(a.data, n, a.mask_suffix, split='all' if kind == 'folder' else 'train',
                                 img_size=cfg.get('img_size', 128), binary=n == 2 and kind == 'synthetic')
     ds = tr if kind == 'folder' else va
     if a.json: _out_dir(Path(a.json).parent if str(Path(a.json).parent) else '.', 'JSON folder')
-    fwd = partial(predict_logits, tile=a.tile) if a.tile else None
+    fwd = partial(predict_logits, tile=a.tile, overlap=ov, blend=a.blend, tile_batch=a.tile_batch) if a.tile else None
     res = evaluate(model, ds, n, cfg.get('norm', 'per_image'), a.batch_size, device, a.threshold, cfg.get('classes'), forward=fwd)
     print(per_class_table(res))
     if a.json: _write_json(res.to_json(), a.json); print(f"wrote {a.json}")
@@ -459,17 +496,116 @@ def cmd_predict(a):
     "Predict masks for an image or folder into `--out`."
     from segtutor.checkpoint import load_model
     from segtutor.predict import predict_folder, list_inputs
-    _check_tile(a.tile)
+    ov = _check_tile(a.tile, a.overlap)
     device = _device(a.device)
     model, cfg = load_model(a.ckpt, device)
+    _check_tile(a.tile, ov, getattr(model, 'multiple', 32))
     list_inputs(a.input)                      # fail on a missing/empty input before creating anything
     _out_dir(a.out)
     palette = cfg.get('palette') or _palette(parse_data_spec(cfg.get('data') or 'synthetic')[0], cfg['n_classes'])
     paths = predict_folder(model, a.input, a.out, cfg.get('norm', 'per_image'), a.batch_size, device, a.tile, a.threshold,
-                           palette=[tuple(c) for c in palette], overlays=not a.no_overlays)
+                           palette=[tuple(c) for c in palette], overlays=not a.no_overlays, overlap=ov, blend=a.blend,
+                           tile_batch=a.tile_batch)
     print(f"wrote {len(paths)} masks to {a.out}" + ('' if a.no_overlays else f" (overlays in {Path(a.out)/'overlays'})"))
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #72ec3288
+def _foreground_classes(cfg:dict, ckpt):
+    "The class names of a checkpoint, refused when there is no foreground class to count."
+    classes = list(cfg.get('classes') or [f'class {i}' for i in range(cfg.get('n_classes', 0))])
+    if len(classes) < 2:
+        raise CLIError(f"{ckpt}: nothing to count: the model's classes {classes} have no foreground class "
+                       "(count needs a segmentation model with at least one class besides background)")
+    return classes
+
+def _staged(out, fill): # the output folder, and a function that writes into the folder it is given
+    "Run `fill(stage)` in a hidden folder inside `out`, then move its files into `out` (a new `out` goes on failure)."
+    import shutil, tempfile
+    new = not Path(out).exists()
+    out = _out_dir(out)
+    stage, done = Path(tempfile.mkdtemp(prefix='.staging-', dir=out)), False
+    try:
+        res = fill(stage)
+        for f in sorted(stage.iterdir(), key=lambda f: f.suffix == '.csv'): os.replace(f, out/f.name)   # tables last
+        done = True
+        return res
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if new and not done: shutil.rmtree(out, ignore_errors=True)
+
+# %% ../nbs/25_cli.ipynb #abee5eb6
+def cmd_count(a):
+    "Count the objects per image and class: counts.csv, <stem>_labels.png (16-bit) and <stem>_outlines.png."
+    from segtutor.checkpoint import load_model
+    from segtutor.predict import predict_image, list_inputs
+    from segtutor.instances import count_folder
+    if a.min_size < 0: raise CLIError(f"--min-size {a.min_size}: must be 0 pixels or more")
+    ov = _check_tile(a.tile, a.overlap)
+    device = _device(a.device)
+    model, cfg = load_model(a.ckpt, device)
+    classes = _foreground_classes(cfg, a.ckpt)
+    _check_tile(a.tile, ov, getattr(model, 'multiple', 32))
+    files = list_inputs(a.input)                # fail on a missing/empty input before creating anything
+    norm = cfg.get('norm', 'per_image')
+    kind = parse_data_spec(cfg.get('data') or 'synthetic')[0]
+    palette = [tuple(c) for c in cfg.get('palette') or _palette(kind, len(classes))]
+    predict = lambda img: predict_image(model, img, norm, device, a.tile, a.threshold, ov, a.blend, a.tile_batch)
+    rows = _staged(a.out, lambda d: count_folder(a.input, d, predict, classes, a.method, a.min_size,
+                                                 progress=len(files) > 20, palette=palette))
+    total = {c: sum(r['count'] for r in rows if r['class'] == c) for c in classes[1:]}
+    print(f"counted {len(files)} images: " + ', '.join(f"{n} {c}" for c, n in total.items())
+          + f"; wrote {Path(a.out)/'counts.csv'}, instance labels and outlines")
+
+# %% ../nbs/25_cli.ipynb #22bca5e6
+_EXPORT_TORCH = (2, 8)   # Dim.DYNAMIC(min=...) in torch.export and torch.onnx.export(..., dynamo=True)
+
+def _export_torch_problem(version:str|None=None): # default: the installed torch.__version__
+    "Why this torch cannot run `segtutor.export` (None when it can)."
+    import inspect, torch
+    v = version or torch.__version__
+    nums = tuple(int(p) for p in re.findall(r'\d+', v.split('+')[0])[:2])
+    need = '.'.join(map(str, _EXPORT_TORCH))
+    msg = (f"export needs torch {need} or newer (torch.export's Dim.DYNAMIC with a minimum, the dynamo ONNX "
+           f"exporter); this is torch {v}: pip install -U 'torch>={need}'")
+    if nums < _EXPORT_TORCH: return msg
+    try:
+        from torch.export import Dim
+        Dim.DYNAMIC(min=2)
+        assert 'dynamo' in inspect.signature(torch.onnx.export).parameters
+    except Exception: return msg
+    return None
+
+def _export_format(fmt, out):
+    "The format to export: --format or the suffix of --out, which must agree."
+    from segtutor.export import FORMATS
+    suffix = Path(out).suffix.lower().lstrip('.')
+    fmt = (fmt or suffix).lower()
+    if fmt not in FORMATS:
+        raise CLIError(f"--format {fmt or '?'}: segtutor exports {' or '.join(FORMATS)} only"
+                       + ('' if suffix in FORMATS or not suffix else f" (and --out ends in .{suffix})"))
+    if suffix != fmt: raise CLIError(f"--out {out}: a {fmt} export must be written to a file ending in .{fmt}")
+    return fmt
+
+# %% ../nbs/25_cli.ipynb #f923f736
+def cmd_export(a):
+    "Export a checkpoint to ONNX or .pt2 (dynamic batch, height and width), checked against the model."
+    import importlib.util
+    fmt = _export_format(a.format, a.out)
+    problem = _export_torch_problem()
+    if problem: raise CLIError(problem)
+    need = ('onnx', 'onnxscript', 'onnxruntime') if fmt == 'onnx' else ()
+    missing = [m for m in need if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CLIError(f"ONNX export needs {', '.join(missing)}, not installed: pip install 'segtutor[export]'")
+    from segtutor.checkpoint import load_checkpoint
+    from segtutor.export import export_model, ExportError
+    load_checkpoint(a.ckpt)                      # a bad checkpoint fails before any folder is made
+    _out_dir(Path(a.out).parent if str(Path(a.out).parent) else '.', 'output folder')
+    try: rep = export_model(a.ckpt, a.out, fmt)
+    except (ExportError, ImportError) as e: raise CLIError(str(e).strip().splitlines()[0]) from None
+    print(f"wrote {rep['path']} ({fmt}, model {rep['model']}); max |Δ| {rep['max_abs_diff']:.1e} against the model "
+          f"on a {tuple(rep['check_shape'])} input; height and width at least {rep['min_side']}")
+
+# %% ../nbs/25_cli.ipynb #37b47e8f
 def _img_tag(fn, alt):
     b64 = base64.b64encode(Path(fn).read_bytes()).decode()
     return f'<figure><img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}"><figcaption>{html.escape(alt)}</figcaption></figure>'
@@ -494,7 +630,7 @@ def _overlay_grid(pred_dir, inputs, fn, n=6):
         ax.imshow(ov); ax.set_title(f'{f.stem} {ov.width}x{ov.height}', fontsize=8); ax.axis('off')
     fig.tight_layout(); fig.savefig(fn, bbox_inches='tight'); plt.close(fig)
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #590711d0
 def _write_report(out, metrics, table, hist, lr, secs, pics):
     "report.md (pictures as files) and report.html (pictures embedded)."
     head = (f"# segtutor demo report\n\nSynthetic darkfield data, model `unet:16:3`, LR finder → one-cycle at lr={lr:.2e}, "
@@ -510,7 +646,51 @@ def _write_report(out, metrics, table, hist, lr, secs, pics):
     style = "body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px}img{max-width:100%}"
     (out/'report.html').write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>segtutor demo</title><style>{style}</style></head><body>{body}</body></html>")
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #911f3be9
+def _true_counts(fn, i:int, classes):
+    "True object counts of demo prediction slide `i` (`make_darkfield(900_000+i)` cropped), None if `fn` is not that slide."
+    import numpy as np
+    from segtutor.data import make_darkfield
+    from segtutor.instances import count_instances
+    img = np.asarray(Image.open(fn).convert('RGB'))
+    h, w = img.shape[:2]
+    im, mask, inst = make_darkfield(900_000 + i, max(h, w), instances=True)
+    if not np.array_equal(im[:h, :w], img): return None
+    return count_instances(inst[:h, :w], mask[:h, :w], classes)
+
+def _counts_section(model, norm:str, classes, inputs, out, device=None):
+    "Count the objects on the demo's prediction slides (`out/counts`), append predicted vs true counts to the report."
+    import numpy as np
+    from segtutor.instances import count_folder
+    from segtutor.predict import predict_image, list_inputs
+    predict = lambda im: predict_image(model, im, norm, device)
+    rows = count_folder(inputs, Path(out)/'counts', predict, classes, progress=False)
+    files = list_inputs(inputs)
+    truth = [_true_counts(f, int(re.sub(r'\D', '', f.stem) or -1), classes) for f in files]
+    pred = {(r['image'], r['class']): r['count'] for r in rows}
+    lines = ['| class | true | predicted | mean abs. error per slide |', '|---|---|---|---|']
+    table = {}
+    for c in classes[1:]:
+        t = [tc[c] for tc in truth if tc is not None]
+        p = [pred[f.name, c] for f, tc in zip(files, truth) if tc is not None]
+        table[c] = dict(true=sum(t), predicted=sum(p), mae=float(np.mean(np.abs(np.subtract(p, t)))) if t else None)
+        lines.append(f"| {c} | {sum(t)} | {sum(p)} | {table[c]['mae']:.2f} |" if t else f"| {c} | ? | {sum(p)} | ? |")
+    md_ = (f"## Object counts\n\nObjects counted on the {len(files)} prediction slides (`counts/counts.csv`, label PNGs "
+           f"and outlines in `counts/`) against the generator's true objects:\n\n" + '\n'.join(lines) + '\n')
+    _write_json(table, Path(out)/'counts.json')
+    rep = Path(out)/'report.md'
+    if rep.exists(): rep.write_text(rep.read_text() + '\n' + md_)
+    page = Path(out)/'report.html'
+    if page.exists():
+        cells = lambda l, tag: ''.join(f'<{tag}>{html.escape(c.strip())}</{tag}>' for c in l.split('|')[1:-1])
+        body = ''.join(f"<tr>{cells(l, 'td')}</tr>" for l in lines[2:])
+        tab = f"<table><tr>{cells(lines[0], 'th')}</tr>{body}</table>"
+        h = (f"<h2>Object counts</h2><p>Objects counted on the {len(files)} prediction slides against the generator's "
+             f"true objects.</p>{tab}")
+        page.write_text(page.read_text().replace('</body>', h + '</body>'))
+    return '\n'.join(lines)
+
+# %% ../nbs/25_cli.ipynb #80679704
 def cmd_demo(a):
     "Synthetic data -> LR finder -> one-cycle -> evaluation -> predictions -> report."
     from segtutor.data import DarkfieldDataset, make_darkfield
@@ -544,15 +724,17 @@ def cmd_demo(a):
             (out/'confusion.png', 'normalised confusion matrix'), (out/'predictions.png', 'predictions on new images of other sizes')]
     secs = time.time()-t0
     _write_report(out, res.metrics, table, hist, lr, secs, pics)
+    print(_counts_section(model, norm, classes, inp, out, device))
     print(f"mIoU {res['miou']:.4f} in {secs:.0f} s; report: {out/'report.html'}")
 
-# %% ../nbs/25_cli.ipynb
+# %% ../nbs/25_cli.ipynb #a209def4
 def main(argv=None):
     "Entry point of the `segtutor` console script."
     a = build_parser().parse_args(argv)
     a._given = _given_flags(argv)   # the flags written out: `train --resume` refuses those that contradict the run
     cmds = {'demo': cmd_demo, 'make-data': cmd_make_data, 'train': cmd_train, 'lr-find': cmd_lr_find,
             'evaluate': cmd_evaluate, 'predict': cmd_predict, 'bench': _cmd_bench}
+    cmds |= {'count': cmd_count, 'export': cmd_export}
     return _run(cmds[a.cmd], a)
 
 def _cmd_bench(a):

@@ -298,6 +298,7 @@ def count_folder(inp, # an image file or a folder of images
                  out, # folder for counts.csv, <stem>_labels.png and <stem>_outlines.png
                  predict, # function: (H,W,3) uint8 image -> (H,W) class-index mask
                  classes=CLASSES, method='auto', min_size:int=0, progress:bool=True,
+                 palette=None, # RGB per class for the outlines (default `PALETTE`)
                  **kw): # more `label_instances` arguments
     "Predict, label and count the objects of every image; write the CSV, label PNGs and outlines; return the rows."
     if classes is None or len(classes) < 2:
@@ -315,7 +316,7 @@ def count_folder(inp, # an image file or a folder of images
             raise ValueError(f"{f}: the prediction is {mask.shape}, the image {imgs[f].shape[:2]}")
         labels, counts = count_image(mask, classes, method, min_size, **kw)
         save_labels(labels, out/f'{f.stem}_labels.png')
-        pic = Image.fromarray(draw_outlines(imgs[f], labels, mask))
+        pic = Image.fromarray(draw_outlines(imgs[f], labels, mask, palette))
         _atomic(lambda t: pic.save(t, format='PNG'), out/f'{f.stem}_outlines.png')
         area = np.bincount(instance_classes(labels, mask)[labels[labels > 0]], minlength=len(classes))
         rows += [dict(image=f.name, **{'class': c}, count=n, mean_area=round(area[i]/n, 1) if n else 0.)
