@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['PARTS', 'smp_archs', 'list_specs', 'parse_spec', 'AnySize', 'model_parts', 'freeze', 'unfreeze', 'WeightsUnavailable',
-           'get_model']
+           'get_model', 'copy_parts']
 
 # %% ../../nbs/10_zoo.ipynb #623357cb
 import json, os, socket
@@ -19,24 +19,40 @@ from huggingface_hub import hf_hub_download, try_to_load_from_cache, constants a
 from .fcn import FCN, count_params
 from .segnet import SegNet
 from .unet import UNet
+from .resnet import ResNetUNet
+from .deeplab import DeepLabV3Plus
 
 # %% ../../nbs/10_zoo.ipynb #b7f8d3b8
-_SCRATCH = {'fcn': FCN, 'segnet': SegNet, 'unet': UNet}
+_SCRATCH = {'fcn': FCN, 'segnet': SegNet, 'unet': UNet, 'resnet-unet': ResNetUNet, 'deeplabv3plus': DeepLabV3Plus}
+_SPEC_ARGS = {'fcn': ('BASE', 'DEPTH'), 'segnet': ('BASE', 'DEPTH'), 'unet': ('BASE', 'DEPTH'), 'resnet-unet': (),
+              'deeplabv3plus': ('OS',)}   # the numbers a spec may add after the name
+_KWARG = {'BASE': 'base', 'DEPTH': 'depth', 'OS': 'output_stride'}   # ... and the constructor arguments they set
 
 def smp_archs():
     "Names of smp's segmentation architectures, the ARCH of an `smp:ARCH:ENCODER` spec."
     return [a.__name__ for a in smp.MODEL_ARCHITECTURES_MAPPING.values()]
 
+def _form(name): return name + ''.join(f'[:{a}' for a in _SPEC_ARGS[name]) + ']'*len(_SPEC_ARGS[name])
+
 def list_specs():
     "The forms a model spec can take (see `smp_archs` and `smp.encoders.get_encoder_names` for ARCH and ENCODER)."
-    return [f'{n}[:BASE[:DEPTH]]' for n in _SCRATCH] + ['smp:ARCH:ENCODER']
+    return [_form(n) for n in _SCRATCH] + ['smp:ARCH:ENCODER']
 
 # %% ../../nbs/10_zoo.ipynb #18a2e829
 def _is_encoder(name:str): return name in smp.encoders.get_encoder_names() or (name.startswith('tu-') and timm.is_model(name[3:]))
 
 def _spec_error(spec, why=''):
     return ValueError(f"unknown model spec {spec!r}{': ' + why if why else ''}. Valid forms: {', '.join(list_specs())}; "
-                      f"e.g. 'unet', 'unet:16:3', 'segnet:32', 'smp:Unet:resnet34', 'smp:DeepLabV3Plus:resnet50'")
+                      f"e.g. 'unet', 'unet:16:3', 'segnet:32', 'resnet-unet', 'deeplabv3plus:8', 'smp:Unet:resnet34', "
+                      f"'smp:Segformer:mit_b0'")
+
+def _bad_numbers(name, nums):
+    "Why the numbers `nums` (strings) after `name` in a spec are wrong, or None when they are fine."
+    if name == 'deeplabv3plus':
+        return None if nums in ([], ['8'], ['16']) else 'deeplabv3plus[:OS], OS (the output stride) 8 or 16'
+    if len(nums) > len(_SPEC_ARGS[name]) or not all(p.isdigit() and int(p) > 0 for p in nums):
+        return 'it takes no numbers' if not _SPEC_ARGS[name] else f'{name}:BASE:DEPTH at most, BASE and DEPTH positive integers'
+    return None
 
 # %% ../../nbs/10_zoo.ipynb #3934a986
 def parse_spec(spec:str):
@@ -44,9 +60,9 @@ def parse_spec(spec:str):
     parts = spec.split(':') if isinstance(spec, str) else []
     name = parts[0].lower() if parts else ''
     if name in _SCRATCH:
-        if len(parts) > 3 or not all(p.isdigit() and int(p) > 0 for p in parts[1:]):
-            raise _spec_error(spec, f'{name}:BASE:DEPTH at most, BASE and DEPTH positive integers')
-        return name, dict(zip(['base', 'depth'], map(int, parts[1:])))
+        why = _bad_numbers(name, parts[1:])
+        if why: raise _spec_error(spec, why)
+        return name, {_KWARG[a]: int(p) for a, p in zip(_SPEC_ARGS[name], parts[1:])}
     if name != 'smp': raise _spec_error(spec)
     if len(parts) != 3: raise _spec_error(spec, 'an smp spec has three parts, smp:ARCH:ENCODER')
     if parts[1].lower() not in smp.MODEL_ARCHITECTURES_MAPPING: raise _spec_error(spec, f'ARCH must be one of {smp_archs()}')
@@ -156,12 +172,15 @@ def _fetch_smp_weights(encoder:str, weights:str):
     except OSError as e: raise _unavailable(what, f'{type(e).__name__}: {str(e)[:300]}', _smp_where(repo, rev)) from None
 
 # %% ../../nbs/10_zoo.ipynb #2447e887
-def _vgg16_bn_imagenet():
-    "torchvision's ImageNet vgg16_bn state dict, from the torch hub cache or downloaded; `WeightsUnavailable` otherwise."
-    from torchvision.models import VGG16_BN_Weights
-    url = VGG16_BN_Weights.IMAGENET1K_V1.url
+_TV_WEIGHTS = {'vgg16_bn': 'VGG16_BN_Weights', 'resnet34': 'ResNet34_Weights'}   # torchvision weight enums
+
+def _torchvision_imagenet(arch:str, # 'vgg16_bn' or 'resnet34'
+                          what:str): # which encoder wants them, for the message
+    "torchvision's ImageNet `arch` state dict, from the torch hub cache or downloaded; `WeightsUnavailable` otherwise."
+    import torchvision.models as tvm
+    url = getattr(tvm, _TV_WEIGHTS[arch]).IMAGENET1K_V1.url
     fn = Path(torch.hub.get_dir())/'checkpoints'/os.path.basename(urlparse(url).path)
-    where, what = f'{fn} (download it from {url})', 'the SegNet encoder (torchvision vgg16_bn, IMAGENET1K_V1)'
+    where, what = f'{fn} (download it from {url})', f'{what} (torchvision {arch}, IMAGENET1K_V1)'
     if not fn.exists() and not _reachable(url): raise _unavailable(what, f'{urlparse(url).hostname} cannot be reached', where)
     try: return torch.hub.load_state_dict_from_url(url, progress=False, weights_only=True)
     except OSError as e: raise _unavailable(what, f'{type(e).__name__}: {str(e)[:300]}', where) from None
@@ -185,26 +204,38 @@ def _smp_model(arch, encoder, n_classes, in_channels, weights, **kwargs):
         raise _unavailable(f'encoder {encoder}', f'{type(e).__name__}: {str(e)[:300]}', _timm_where(encoder[3:])) from None
 
 # %% ../../nbs/10_zoo.ipynb #0b42d42b
+_PRETRAINED = {'segnet': ('vgg16_bn', 'load_vgg16_bn'), 'resnet-unet': ('resnet34', 'load_resnet34'),
+               'deeplabv3plus': ('resnet34', 'load_resnet34')}   # torchvision network, the method that loads it
+
 def _scratch_model(name, args, n_classes, in_channels, weights, **kwargs):
-    "FCN, SegNet or UNet from a parsed spec; SegNet can start from ImageNet vgg16_bn weights."
+    "One of our models from a parsed spec; SegNet, ResNet-UNet and DeepLabV3+ can start from ImageNet weights."
     clash = {k for k in args if k in kwargs and kwargs[k] != args[k]}
     if clash: raise ValueError(f'the spec sets {sorted(clash)} to {args}, the keyword arguments to something else')
-    if weights is not None and (name, weights) != ('segnet', 'imagenet'):
-        raise ValueError(f"{name} has no pretrained weights {weights!r}: use weights=None" + (" or 'imagenet'" if name == 'segnet' else ''))
-    sd = _vgg16_bn_imagenet() if weights else None   # fetch first: fail before building anything
+    if weights is not None and (weights != 'imagenet' or name not in _PRETRAINED):
+        raise ValueError(f"{name} has no pretrained weights {weights!r}: use weights=None"
+                         + (" or 'imagenet'" if name in _PRETRAINED else ''))
+    arch, load = _PRETRAINED.get(name, (None, None))
+    sd = _torchvision_imagenet(arch, f'the {name} encoder') if weights else None   # fetch first: fail before building
     model = _SCRATCH[name](n_classes=n_classes, in_channels=in_channels, **{**kwargs, **args})
-    return model.load_vgg16_bn(sd) if weights else model
+    return getattr(model, load)(sd) if weights else model
 
 # %% ../../nbs/10_zoo.ipynb #8cd03695
 def _jsonable(d):
     try: return json.loads(json.dumps(d))
     except TypeError as e: raise ValueError(f'get_model keyword arguments must be JSON-able (they go into checkpoints): {e}') from None
 
+_SMP_SIZE = {'dpt': (2, 0), 'pan': (1, 128)}   # decoders that need more than the encoder: (stride factor, smallest side)
+
+def _smp_size(model, arch:str):
+    "(multiple, min_size) of an smp model: its encoder's output stride, times what its decoder adds."
+    factor, min_size = _SMP_SIZE.get(arch.lower(), (1, 0))
+    return factor*model.encoder.output_stride, min_size
+
 # %% ../../nbs/10_zoo.ipynb #9ce664b8
-def get_model(spec:str,                  # 'fcn', 'segnet', 'unet' (each with optional :BASE:DEPTH) or 'smp:ARCH:ENCODER'
+def get_model(spec:str,                  # see `list_specs`: e.g. 'unet:16:3', 'resnet-unet', 'deeplabv3plus:8', 'smp:ARCH:ENCODER'
               n_classes:int,             # output channels: scores per pixel (binary task: 2)
               in_channels:int=3,
-              weights:str=None,          # None/'none' (random) or 'imagenet' (smp encoders, tu- encoders, segnet)
+              weights:str=None,          # None/'none' (random) or 'imagenet' (smp and tu- encoders, segnet, resnet-unet, deeplabv3plus)
               freeze_encoder:bool=False, freeze_decoder:bool=False, freeze_head:bool=False,
               **kwargs):                 # for the model's constructor; `pad_mode` for `AnySize`
     "Build the model named by `spec` (see `list_specs`), in an `AnySize` wrapper that knows how to rebuild it."
@@ -214,8 +245,21 @@ def get_model(spec:str,                  # 'fcn', 'segnet', 'unet' (each with op
     spec_kwargs = _jsonable(dict(n_classes=n_classes, in_channels=in_channels, **kwargs, pad_mode=pad_mode))
     if name == 'smp': model = _smp_model(args['arch'], args['encoder'], n_classes, in_channels, weights, **kwargs)
     else: model = _scratch_model(name, args, n_classes, in_channels, weights, **kwargs)
-    if name == 'smp': m = AnySize(model, max(32, model.encoder.output_stride), pad_mode, 128 if args['arch'].lower() == 'pan' else 0)
-    else: m = AnySize(model, model.multiple, pad_mode)
+    multiple, min_size = _smp_size(model, args['arch']) if name == 'smp' else (model.multiple, 0)
+    m = AnySize(model, multiple, pad_mode, min_size)
     m.spec, m.spec_kwargs, m.weights, m.norm = spec, spec_kwargs, weights, 'imagenet' if weights else 'per_image'
     frozen = [p for p, f in zip(PARTS, (freeze_encoder, freeze_decoder, freeze_head)) if f]
     return freeze(m, *frozen) if frozen else m
+
+# %% ../../nbs/10_zoo.ipynb #b2c0de02
+def copy_parts(dst:nn.Module, # model to fill, bare or in `AnySize`
+               src:nn.Module, # same architecture, e.g. trained on another task (any number of classes)
+               *parts:str):   # 'encoder', 'decoder', 'head'; default: the encoder
+    "Copy the weights and batch-norm statistics of `parts` of `src` into `dst`; returns `dst`."
+    parts, d, s = parts or ('encoder',), model_parts(dst), model_parts(src)
+    if set(parts) - set(d): raise ValueError(f'unknown parts {sorted(set(parts) - set(d))}; use {PARTS}')
+    for p in parts:
+        try: d[p].load_state_dict(s[p].state_dict())
+        except RuntimeError as e:
+            raise ValueError(f'cannot copy the {p}: the two models differ there ({str(e).strip().splitlines()[-1].strip()[:200]})') from None
+    return dst
