@@ -9,6 +9,8 @@ __all__ = []
 from .fcn import *
 from .segnet import *
 from .unet import *
+from .resnet import *
+from .deeplab import *
 from .zoo import *
-from . import fcn, segnet, unet, zoo
-__all__ = fcn.__all__ + segnet.__all__ + unet.__all__ + zoo.__all__
+from . import fcn, segnet, unet, resnet, deeplab, zoo
+__all__ = fcn.__all__ + segnet.__all__ + unet.__all__ + resnet.__all__ + deeplab.__all__ + zoo.__all__
