@@ -131,8 +131,8 @@ def _add_data_args(p, train=True):
                    help="training augmentation: full (scale-crop 0.5-2, flips, rotation, jitter), flips, none; auto = flips for synthetic data (endless fresh slides), else full")
 
 def _add_model_args(p):
-    p.add_argument('--model', default='unet:16:3', help="fcn, segnet, unet, unet:BASE:DEPTH or smp:ARCH:ENCODER (default unet:16:3)")
-    p.add_argument('--weights', default='none', choices=['imagenet', 'none'], help="encoder weights for smp models (default none)")
+    p.add_argument('--model', default='unet:16:3', help="fcn, segnet, unet[:BASE[:DEPTH]], resnet-unet, deeplabv3plus[:OS] or smp:ARCH:ENCODER (default unet:16:3)")
+    p.add_argument('--weights', default='none', choices=['imagenet', 'none'], help="ImageNet encoder weights for smp models, segnet, resnet-unet and deeplabv3plus (default none)")
     p.add_argument('--norm', default=None, choices=['per_image', 'imagenet', 'none'], help="input normalisation (default: the model's, imagenet for pretrained weights, else per_image)")
     for part in ('encoder', 'decoder', 'head'):
         p.add_argument(f'--freeze-{part}', action='store_true', help=f"do not train the {part}")
