@@ -471,6 +471,11 @@ def _check_tile(tile:int|None, overlap=None, # --tile and --overlap (None: `pred
     return overlap
 
 # %% ../nbs/25_cli.ipynb #e98a22ea
+def _side(img_size, default:int=128): # a config's `img_size`: an int, [H, W] (the learner records the first batch's), or None
+    "The side of the square synthetic slides a checkpoint was trained on."
+    if img_size is None: return default
+    return int(max(img_size)) if isinstance(img_size, (list, tuple)) else int(img_size)
+
 def cmd_evaluate(a):
     "Metrics of a checkpoint on a dataset; `--json` writes pixel_accuracy, miou, per_class_iou, dice."
     from functools import partial
@@ -484,7 +489,7 @@ def cmd_evaluate(a):
     n = cfg['n_classes']
     kind = parse_data_spec(a.data)[0]
     tr, va, classes = load_data(a.data, n, a.mask_suffix, split='all' if kind == 'folder' else 'train',
-                                img_size=cfg.get('img_size', 128), binary=n == 2 and kind == 'synthetic')
+                                img_size=_side(cfg.get('img_size')), binary=n == 2 and kind == 'synthetic')
     ds = tr if kind == 'folder' else va
     if a.json: _out_dir(Path(a.json).parent if str(Path(a.json).parent) else '.', 'JSON folder')
     fwd = partial(predict_logits, tile=a.tile, overlap=ov, blend=a.blend, tile_batch=a.tile_batch) if a.tile else None

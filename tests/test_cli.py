@@ -265,3 +265,14 @@ def test_quick_demo_writes_report_and_metrics(tmp_path):
     assert html.count('<img src="data:image/png;base64,') == 4 and f"{js['miou']:.4f}" in html
     assert '**' not in html and '<td><b>mean</b></td>' in html   # markdown bold in the table becomes HTML bold
     assert len(list((out/'predictions').glob('*.png'))) == 6
+
+def test_evaluate_a_checkpoint_the_library_trained(tmp_path):
+    "A Learner records img_size as the first batch's [H, W]; evaluate on synthetic data reads it (it once crashed on a list)."
+    from segtutor.models import get_model
+    from segtutor.checkpoint import save_checkpoint
+    m = get_model('unet:8:2', 3)
+    cfg = dict(model='unet:8:2', model_kwargs=m.spec_kwargs, n_classes=3, classes=['background', 'rbc', 'spirochete'],
+               norm='per_image', img_size=[32, 32])
+    save_checkpoint(tmp_path/'lib.pt', dict(model=m.state_dict(), config=cfg))
+    ok(run('evaluate', '--ckpt', tmp_path/'lib.pt', '--data', 'synthetic', '--json', tmp_path/'m.json'))
+    assert json.loads((tmp_path/'m.json').read_text())['n_images'] == 64
