@@ -338,7 +338,9 @@ Learner._after_epoch = _after_epoch
 def _log(self, rec:dict):
     "Print, CSV, TensorBoard and live plot for one epoch row (rank 0)."
     if self.progress: tqdm.write('  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in rec.items()))
-    if self.out is not None: write_csv(self.out/'metrics.csv', self.history)
+    if self.out is not None:
+        write_csv(self.out/'metrics.csv', self.history)
+        if self.epoch == 1 or self.config != self._written: self._write_config()   # e.g. img_size, known after the first batch
     if self._tb is not None:
         for k, v in rec.items():
             if k != 'epoch': self._tb.add_scalar(k, v, rec['epoch'])
@@ -346,13 +348,18 @@ def _log(self, rec:dict):
 Learner._log = _log
 
 # %% ../nbs/16_learner.ipynb #5ac5fcfd
+def _write_config(self):
+    "Write `out/config.json` (atomically) and remember what was written."
+    atomic_write(self.out/'config.json', json.dumps(self.config, indent=2))
+    self._written = json.loads(json.dumps(self.config))
+
 def _start_logs(self):
     self._tb, self._live = None, LivePlot() if self.live else None
     if self.out is None or not self.is_main:
         if self.tensorboard and self.is_main: raise ValueError("tensorboard=True needs a run folder: pass out=")
         return
     self.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(self.out/'config.json', json.dumps(self.config, indent=2))
+    self._write_config()
     if self.tensorboard:
         try: from torch.utils.tensorboard import SummaryWriter
         except ImportError: raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from None
@@ -362,7 +369,7 @@ def _end_logs(self):
     if self.is_main and self.out is not None: save_curves(self.out, self.history, self.recorder)
     if self._tb is not None: self._tb.close()
     if self.world > 1: dist.barrier()
-Learner._start_logs, Learner._end_logs = _start_logs, _end_logs
+Learner._write_config, Learner._start_logs, Learner._end_logs = _write_config, _start_logs, _end_logs
 
 # %% ../nbs/16_learner.ipynb #4eddbed8
 def _setup_training(self, epochs:int):
