@@ -131,7 +131,8 @@ def build_parser():
     p.add_argument('--n-train', type=int, default=None, help="synthetic training slides (default: the demo recipe's)")
     p.add_argument('--img-size', type=int, default=None, help="slide side in pixels (default: the demo recipe's)")
     p.add_argument('--num-it', type=int, default=None, help="LR finder iterations (default: the short range test, segtutor.lr_finder.AUTO_LR)")
-    p.add_argument('--workers', type=int, default=None, help="DataLoader worker processes (default: the demo's choice for the device)")
+    p.add_argument('--workers', type=int, default=0, help="DataLoader worker processes (default 0: on two cores they compete with training)")
+    p.add_argument('--threads', type=int, default=None, help="torch CPU threads (default: one per idle core, judged from the load average)")
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps']); p.add_argument('--seed', type=int, default=0)
     p = sub.add_parser('make-data', help="write the synthetic darkfield dataset")
     p.add_argument('dir', help="destination folder (gets images/ and masks/)")
@@ -335,6 +336,25 @@ def _write_report(out, metrics, table, hist, lr, secs, pics, model='unet:16:3'):
     style = "body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px}img{max-width:100%}"
     (out/'report.html').write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>segtutor demo</title><style>{style}</style></head><body>{body}</body></html>")
 
+# %% ../nbs/25_cli.ipynb #cc6f099f
+def _idle_cores(secs:float=0.25):
+    "How many cores are idle right now, from two samples of /proc/stat (the load average where there is none)."
+    def snap():
+        with open('/proc/stat') as f: v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v[:8])   # idle + iowait, all but guest time
+    n = os.cpu_count() or 1
+    try:
+        (i0, t0), _, (i1, t1) = snap(), time.sleep(secs), snap()
+        return n*(i1 - i0)/max(t1 - t0, 1)
+    except (OSError, ValueError, IndexError):
+        return n - os.getloadavg()[0] if hasattr(os, 'getloadavg') else n
+
+def _idle_threads(n:int|None=None, idle:float|None=None): # at most `n` threads (default: torch's count); `idle` cores (default: measured)
+    "Torch threads for a CPU run: one per idle core, at least 1, at most `n`."
+    import torch
+    n, idle = n or torch.get_num_threads(), _idle_cores() if idle is None else idle
+    return max(1, min(n, round(idle)))
+
 # %% ../nbs/25_cli.ipynb #7e5e9ad4
 def cmd_demo(a):
     "Synthetic data -> LR finder -> one-cycle -> evaluation -> predictions -> report."
@@ -345,13 +365,18 @@ def cmd_demo(a):
     from segtutor.predict import predict_folder
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    import torch
     t0, out = time.time(), _out_dir(a.out)
     device = _device(a.device)
+    if device.type == 'cpu':
+        idle = _idle_cores()
+        torch.set_num_threads(a.threads or _idle_threads(idle=idle))
+        print(f"      {torch.get_num_threads()} torch thread(s): {idle:.1f} of {os.cpu_count()} cores idle")
     flags = dict(size=a.img_size, n_train=a.n_train, epochs=a.epochs, seed=a.seed)
     r = {**DEMO, **{k: v for k, v in flags.items() if v is not None}}
     print(f"[1/5] data: {r['n_train']} training and {r['n_valid']} validation images (synthetic darkfield, {r['size']}x{r['size']}); device {device}")
     print(f"[2/5] LR finder, then [3/5] one-cycle training of {r['model']} ({r['loss']} loss), {r['epochs']} epochs")
-    learn, lr_res = train_demo(out/'run', device, workers=a.workers or 0, num_it=a.num_it, **r)
+    learn, lr_res = train_demo(out/'run', device, workers=a.workers, num_it=a.num_it, **r)
     lr, hist = learn.config['lr_find']['lr'], learn.history
     _lr_png(lr_res, lr, out/'lr_find.png')
     print(f"      one-cycle max lr {lr:.2e}\n[4/5] evaluation")
@@ -373,7 +398,7 @@ def cmd_demo(a):
             (out/'confusion.png', 'normalised confusion matrix'), (out/'predictions.png', 'predictions on new images of other sizes')]
     secs = time.time()-t0
     _write_report(out, res.metrics, table, hist, lr, secs, pics, r['model'])
-    _write_json(dict(seconds=round(secs, 1), recipe=r, lr=lr, epochs=len(hist)), out/'demo.json')
+    _write_json(dict(seconds=round(secs, 1), threads=torch.get_num_threads(), recipe=r, lr=lr, epochs=len(hist)), out/'demo.json')
     print(f"mIoU {res['miou']:.4f} in {secs:.0f} s; report: {out/'report.html'}")
 
 # %% ../nbs/25_cli.ipynb #89a62685
