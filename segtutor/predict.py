@@ -6,8 +6,8 @@
 __all__ = ['predict_logits', 'predict_image', 'list_inputs', 'predict_folder']
 
 # %% ../nbs/21_predict.ipynb #d30acf93
-import collections, os, shutil, tempfile
-from concurrent.futures import ThreadPoolExecutor
+import collections, io, os, shutil, tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 import numpy as np
 import torch
@@ -84,15 +84,22 @@ def _ahead(pool, fn, items, n:int):
     while q: yield q.popleft().result()
 
 # %% ../nbs/21_predict.ipynb #e87c7c3f
+def _encoded(im, fmt:str, **kw):
+    "The bytes of PIL image `im` saved as `fmt`."
+    b = io.BytesIO()
+    im.save(b, fmt, **kw)
+    return b.getvalue()
+
 def _writer(stage, palette=None, overlays:bool=True):
     "A function writing (stem, mask, image) into the folder `stage`: palette PNG mask (+ JPEG overlay in `overlays/`)."
-    pal = colorize(np.arange(256, dtype=np.uint8), palette).reshape(-1).tolist()
+    pal = bytes(colorize(np.arange(256, dtype=np.uint8), palette).reshape(-1).tolist())
     def write(stem:str, m:np.ndarray, img:np.ndarray):
         im = Image.fromarray(m)
         im.putpalette(pal)
-        im.save(Path(stage)/f'{stem}.png')
+        (Path(stage)/f'{stem}.png').write_bytes(_encoded(im, 'PNG'))
         if overlays:
-            Image.fromarray(overlay(img, m, 0.5, palette)).save(Path(stage)/'overlays'/f'{stem}.jpg', 'JPEG', quality=90)
+            ov = Image.fromarray(overlay(img, m, 0.5, palette))
+            (Path(stage)/'overlays'/f'{stem}.jpg').write_bytes(_encoded(ov, 'JPEG', quality=90))
     return write
 
 def _commit(stage, out, stems, overlays:bool):
@@ -118,9 +125,29 @@ def _out_folder(out):
     if not os.access(out, os.W_OK): raise SegDataError(f"{out}: output folder is not writable")
     return new
 
+# %% ../nbs/21_predict.ipynb #fe634379
+class _Inline:
+    "An executor that runs each call at once: the stand-in for a thread pool when no core is free."
+    def submit(self, fn, *args):
+        f = Future()
+        try: f.set_result(fn(*args))
+        except BaseException as e: f.set_exception(e)
+        return f
+    def __enter__(self): return self
+    def __exit__(self, *exc): return False
+
+def _pool(n:int):
+    "A thread pool of `n` threads, or `_Inline()` for 0."
+    return ThreadPoolExecutor(n) if n else _Inline()
+
+def _overlap_default(device):
+    "Overlap file work with the forward in threads: on accelerators, or when torch leaves a CPU core free."
+    return torch.device(device).type != 'cpu' or torch.get_num_threads() < (os.cpu_count() or 1)
+
 # %% ../nbs/21_predict.ipynb #398047bc
 def predict_folder(model, inp, out, norm:str='per_image', bs:int=8, device=None, tile:int|None=None,
-                   threshold:float|None=None, palette=None, overlays:bool=True, progress:bool=True):
+                   threshold:float|None=None, palette=None, overlays:bool=True, progress:bool=True,
+                   overlap:bool|None=None): # file work in threads beside the forward (None: `_overlap_default`)
     "Predict every image in `inp` (file or folder) and write `out/<stem>.png` index masks (+ `out/overlays/<stem>.jpg`); returns the mask paths."
     files = list_inputs(inp)
     batches = _size_batches(files, [_image_size(f) for f in files], bs)   # every header checked before anything is written
@@ -131,7 +158,8 @@ def predict_folder(model, inp, out, norm:str='per_image', bs:int=8, device=None,
     write, done = _writer(stage, palette, overlays), False
     bar = tqdm(total=len(files), desc='predict', disable=not progress, leave=False)
     try:
-        with ThreadPoolExecutor(2) as readers, ThreadPoolExecutor(1) as writer:
+        threads = _overlap_default(device) if overlap is None else overlap
+        with _pool(2 if threads else 0) as readers, _pool(1 if threads else 0) as writer:
             imgs, pending = _ahead(readers, load_image, [f for b in batches for f in b], 2*bs), collections.deque()
             for fs in batches:
                 ims = [next(imgs) for _ in fs]
