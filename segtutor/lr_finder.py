@@ -155,7 +155,7 @@ AUTO_LR = dict(start_lr=1e-3, end_lr=100., num_it=26, smooth_f=0.25)   # the ran
 # %% ../nbs/17_lr_finder.ipynb #2309dbca
 DEMO = dict(model='unet:8:4', loss='ce+dice', size=128, n_train=400, n_valid=64, bs=8, epochs=10, seed=0,
             channels_last=True)                                                     # the demo recipe
-QUICK_DEMO = dict(DEMO, size=64, n_train=256, n_valid=16, epochs=3)                # a tiny one for tests
+QUICK_DEMO = dict(DEMO, size=64, n_train=256, n_valid=16, epochs=5)                # a tiny one for tests
 
 def demo_dls(size:int=128, n_train:int=400, n_valid:int=64, bs:int=8, seed:int=0, workers:int=0, **kw):
     "The demo's synthetic darkfield loaders: fresh slides, so flips are the only augmentation."
