@@ -171,16 +171,16 @@ def forward_images(model, x, bs:int):
 
 # %% ../nbs/26_bench.ipynb #8891ab13
 def bench_predict(model, device='cpu', n_images:int=64, size:int=128, bs:int=16, repeats:int=3, norm:str='per_image'):
-    "Images/s of `predict_folder` (with and without overlays) and of the raw forward pass on the same images."
+    "Images/s of `predict_folder` (as `segtutor predict` calls it, without overlays, and with the other `overlap`) and of the raw forward pass."
     from segtutor.augment import normalize
-    from segtutor.predict import predict_folder
-    model = model.to(device).eval()
+    from segtutor.predict import predict_folder, _overlap_default
+    model, alt = model.to(device).eval(), not _overlap_default(device)
     with tempfile.TemporaryDirectory() as d:
         x = normalize(_write_images(Path(d)/'in', n_images, size), norm).to(device)
-        pf = lambda ov: lambda: len(predict_folder(model, Path(d)/'in', Path(d)/'out', norm, bs, device, overlays=ov, progress=False))
-        r = interleave({'forward': lambda: forward_images(model, x, bs), 'predict': pf(True), 'predict_masks_only': pf(False)},
-                       repeats, device=device)
-    return {f'{k}_ips': median(v) for k, v in r.items()}
+        pf = lambda o, **kw: lambda: len(predict_folder(model, Path(d)/'in', Path(d)/o, norm, bs, device, progress=False, **kw))
+        r = interleave({'forward': lambda: forward_images(model, x, bs), 'predict': pf('a'), 'predict_masks_only': pf('b', overlays=False),
+                        'predict_alt': pf('c', overlap=alt)}, repeats, device=device)
+    return {f'{k}_ips': median(v) for k, v in r.items()} | dict(alt_overlap=alt)
 
 # %% ../nbs/26_bench.ipynb #b586b8af
 class CappedLearner(Learner):
@@ -373,6 +373,10 @@ def bench_rows(r:dict, device='cpu'):
                           r[f'predict_ips{sfx}']/r[f'forward_ips{sfx}'], 'predict_ratio'),
                  make_row(f'inference{at}: predict_folder without overlays vs forward', r[f'predict_masks_only_ips{sfx}'],
                           r[f'forward_ips{sfx}'], r[f'predict_masks_only_ips{sfx}']/r[f'forward_ips{sfx}'])]
+        if f'predict_alt_ips{sfx}' in r:
+            how = 'in threads' if r[f'alt_overlap{sfx}'] else 'in the main thread'
+            rows.append(make_row(f'inference{at}: file work {how} (not the default) vs forward', r[f'predict_alt_ips{sfx}'],
+                                 r[f'forward_ips{sfx}'], r[f'predict_alt_ips{sfx}']/r[f'forward_ips{sfx}']))
     if 'onecycle_s' in r: rows += [_ttq_row(r)] + _plan_rows(r)
     return rows + _device_rows(r, device)
 
