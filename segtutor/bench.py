@@ -6,9 +6,9 @@
 __all__ = ['CUDA_VARIANTS', 'TARGETS', 'COLUMNS', 'SETTINGS', 'QUICK', 'CONTRACT_KEYS', 'sync', 'timed', 'interleave', 'median',
            'machine_info', 'peak_rss_mb', 'peak_cuda_mb', 'Batches', 'make_batches', 'bare_epoch', 'quiet_learner',
            'learner_epoch', 'bench_loop', 'warm_dataset', 'loader_epoch', 'default_workers', 'bench_data',
-           'forward_images', 'bench_predict', 'CappedLearner', 'recipe_onecycle', 'recipe_constant', 'bench_ttq',
-           'plot_ttq', 'fused_adamw', 'bench_variants', 'with_threads', 'bench_threads', 'make_row', 'format_table',
-           'bench_rows', 'run_bench']
+           'forward_images', 'bench_predict', 'CappedLearner', 'stable_epoch', 'time_to_stable', 'recipe_onecycle',
+           'recipe_constant', 'bench_ttq', 'plot_ttq', 'fused_adamw', 'bench_variants', 'with_threads', 'bench_threads',
+           'make_row', 'format_table', 'markdown_table', 'bench_rows', 'run_bench']
 
 # %% ../nbs/26_bench.ipynb #1c074ec1
 import copy, json, math, os, platform, statistics, sys, tempfile, time
@@ -18,6 +18,7 @@ import torch
 from .data import CLASSES, DataLoaders, make_darkfield
 from .models.fcn import default_device
 from .learner import Learner
+from .lr_finder import AUTO_LR, DEMO
 
 # %% ../nbs/26_bench.ipynb #d92886f0
 def sync(device='cpu'):
@@ -170,16 +171,16 @@ def forward_images(model, x, bs:int):
 
 # %% ../nbs/26_bench.ipynb #8891ab13
 def bench_predict(model, device='cpu', n_images:int=64, size:int=128, bs:int=16, repeats:int=3, norm:str='per_image'):
-    "Images/s of `predict_folder` (with and without overlays) and of the raw forward pass on the same images."
+    "Images/s of `predict_folder` (as `segtutor predict` calls it, without overlays, and with the other `threads` choice) and of the raw forward pass."
     from segtutor.augment import normalize
-    from segtutor.predict import predict_folder
-    model = model.to(device).eval()
+    from segtutor.predict import predict_folder, _threads_default
+    model, alt = model.to(device).eval(), not _threads_default(device)
     with tempfile.TemporaryDirectory() as d:
         x = normalize(_write_images(Path(d)/'in', n_images, size), norm).to(device)
-        pf = lambda ov: lambda: len(predict_folder(model, Path(d)/'in', Path(d)/'out', norm, bs, device, overlays=ov, progress=False))
-        r = interleave({'forward': lambda: forward_images(model, x, bs), 'predict': pf(True), 'predict_masks_only': pf(False)},
-                       repeats, device=device)
-    return {f'{k}_ips': median(v) for k, v in r.items()}
+        pf = lambda o, **kw: lambda: len(predict_folder(model, Path(d)/'in', Path(d)/o, norm, bs, device, progress=False, **kw))
+        r = interleave({'forward': lambda: forward_images(model, x, bs), 'predict': pf('a'), 'predict_masks_only': pf('b', overlays=False),
+                        'predict_alt': pf('c', threads=alt)}, repeats, device=device)
+    return {f'{k}_ips': median(v) for k, v in r.items()} | dict(alt_overlap=alt)
 
 # %% ../nbs/26_bench.ipynb #b586b8af
 class CappedLearner(Learner):
@@ -192,50 +193,79 @@ class CappedLearner(Learner):
         return self.stopped is not None
 
 # %% ../nbs/26_bench.ipynb #f96f8a8b
-def _reached(hist, target): return bool(hist) and hist[-1]['miou'] >= target
+def stable_epoch(hist:list, target:float):
+    "The 1-based epoch from which validation mIoU stays >= `target` to the end of `hist` (None: the last epoch is below)."
+    k = None
+    for h in hist:
+        if h['miou'] < target: k = None
+        elif k is None: k = h['epoch']
+    return k
 
-def recipe_onecycle(model, dls, device='cpu', epochs:int=7, target:float=0.85, num_it:int=30):
-    "The demo recipe, timed: LR finder, one-cycle AdamW peaking at steepest/10 (as `segtutor demo`), stopping at `target`."
-    from segtutor.lr_finder import lr_find, one_cycle_lr, AUTO_LR
-    learn = Learner(model, dls, 'ce', device=device, progress=False, live_plot=False)
-    rng = {k: v for k, v in AUTO_LR.items() if k != 'num_it'}      # the demo's sweep, 1e-5 to 1
-    t_find, res = timed(lambda: lr_find(learn.model, dls.train, learn.loss_func, num_it=num_it, **rng), device)
+def time_to_stable(run:dict, target:float):
+    "Seconds (range test included) until the end of the epoch from which `run` stays at `target`; None if it never does."
+    k = stable_epoch(run['history'], target)
+    return None if k is None else run['finder_s'] + sum(h['time'] for h in run['history'][:k])
+
+# %% ../nbs/26_bench.ipynb #8d909eb7
+def recipe_onecycle(model, dls, device='cpu', epochs:int=DEMO['epochs'], num_it:int|None=None, loss:str=DEMO['loss'],
+                    channels_last:bool=DEMO['channels_last']):
+    "The demo recipe, timed: the `AUTO_LR` range test, then one-cycle AdamW peaking at `one_cycle_lr`, all `epochs`."
+    from segtutor.lr_finder import lr_find, one_cycle_lr
+    learn = Learner(model, dls, loss, device=device, channels_last=channels_last, progress=False, live_plot=False)
+    kw = {**AUTO_LR, **({'num_it': num_it} if num_it else {})}
+    t_find, res = timed(lambda: lr_find(learn.model, dls.train, learn.loss_func, **kw), device)
     lr = one_cycle_lr(res)                   # the rule of `segtutor train --lr auto` (lesson 17)
-    t_fit, hist = timed(lambda: learn.fit(epochs, lr=lr, target_miou=target), device)
-    return dict(history=hist, lr=lr, finder_s=t_find, seconds=t_find + t_fit, reached=_reached(hist, target))
+    t_fit, hist = timed(lambda: learn.fit(epochs, lr=lr), device)
+    return dict(history=hist, lr=lr, finder_s=t_find, seconds=t_find + t_fit)
 
-def recipe_constant(model, dls, device='cpu', max_epochs:int=25, target:float=0.85, time_cap:float|None=None, lr:float=1e-3):
-    "The seed projects' recipe, timed: Adam at a constant `lr`, stopping at `target`, `max_epochs` or `time_cap` seconds."
-    learn = CappedLearner(model, dls, 'ce', lr=lr, opt='adam', wd=0., sched='constant', device=device, progress=False, live_plot=False)
+def recipe_constant(model, dls, device='cpu', max_epochs:int=25, time_cap:float|None=None, lr:float=1e-3,
+                    loss:str=DEMO['loss'], channels_last:bool=DEMO['channels_last']):
+    "The common default, timed: Adam at a constant `lr` (no weight decay) for `max_epochs`, or until `time_cap` seconds."
+    learn = CappedLearner(model, dls, loss, lr=lr, opt='adam', wd=0., sched='constant', device=device,
+                          channels_last=channels_last, progress=False, live_plot=False)
     learn.time_cap = time_cap
-    t_fit, hist = timed(lambda: learn.fit(max_epochs, target_miou=target), device)
-    return dict(history=hist, lr=lr, finder_s=0., seconds=t_fit, reached=_reached(hist, target))
+    t_fit, hist = timed(lambda: learn.fit(max_epochs), device)
+    return dict(history=hist, lr=lr, finder_s=0., seconds=t_fit, capped=learn.stopped is not None)
 
 # %% ../nbs/26_bench.ipynb #1dec80db
 def _curve(run): return np.cumsum([run['finder_s']] + [h['time'] for h in run['history']])[1:].tolist(), [h['miou'] for h in run['history']]
 
-def bench_ttq(device='cpu', spec:str='unet:16:3', size:int=128, n_train:int=400, n_valid:int=64, bs:int=16, epochs:int=7,
-              max_epochs:int=25, cap:float=3., target:float=0.85, num_it:int=30, seed:int=0, workers:int|None=None):
-    "Seconds to validation mIoU `target`: the demo recipe (LR finder + one-cycle) vs constant Adam 1e-3 (capped)."
-    from segtutor.augment import darkfield_dls
+def bench_ttq(device='cpu', target:float=0.85, max_epochs:int=25, cap:float=3., num_it:int|None=None,
+              workers:int|None=None,
+              plans:tuple=(),  # more one-cycle plan lengths (epochs) to time against the same constant run, for information
+              **recipe):       # overrides of the demo recipe `DEMO` (model, loss, size, n_train, ..., epochs: the raced plan)
+    "Seconds to a stable validation mIoU `target`: the demo recipe (range test + one-cycle) vs constant Adam 1e-3 (capped)."
+    from segtutor.lr_finder import demo_dls
     from segtutor.models import get_model
-    dls = darkfield_dls(n_train=n_train, n_valid=n_valid, size=size, bs=bs, seed=seed, scale=None, rotate=0, jitter=0,  # flips only, as the demo
-                        workers=default_workers(device) if workers is None else workers)
+    r = {**DEMO, **recipe}
+    dls = demo_dls(r['size'], r['n_train'], r['n_valid'], r['bs'], r['seed'], default_workers(device) if workers is None else workers)
     warm_dataset(dls.train.dataset); warm_dataset(dls.valid.dataset)
-    make = lambda: (torch.manual_seed(seed), get_model(spec, len(CLASSES)))[1]
-    oc = recipe_onecycle(make(), dls, device, epochs, target, num_it)
-    const = recipe_constant(make(), dls, device, max_epochs, target, cap*oc['seconds'])
-    return dict(onecycle_s=oc['seconds'], constant_s=const['seconds'], onecycle_reached=oc['reached'], constant_reached=const['reached'],
-                onecycle_time_ratio=oc['seconds']/const['seconds'], onecycle_lr=oc['lr'], finder_s=oc['finder_s'], target=target,
-                curves={'LR finder + one-cycle': _curve(oc), 'constant Adam 1e-3': _curve(const)})
+    make = lambda: (torch.manual_seed(r['seed']), get_model(r['model'], len(CLASSES)))[1]
+    oc = recipe_onecycle(make(), dls, device, r['epochs'], num_it, r['loss'], r['channels_last'])
+    oc_s = time_to_stable(oc, target)
+    const = recipe_constant(make(), dls, device, max_epochs, cap*(oc_s or oc['seconds']), 1e-3, r['loss'], r['channels_last'])
+    const_s = time_to_stable(const, target)
+    a, b = oc_s or oc['seconds'], const_s or const['seconds']
+    more = {n: recipe_onecycle(make(), dls, device, n, num_it, r['loss'], r['channels_last']) for n in plans}
+    return dict(onecycle_s=a, constant_s=b, onecycle_reached=oc_s is not None, constant_reached=const_s is not None,
+                onecycle_time_ratio=a/b, onecycle_lr=oc['lr'], finder_s=oc['finder_s'], target=target,
+                onecycle_epoch=stable_epoch(oc['history'], target), constant_epoch=stable_epoch(const['history'], target),
+                onecycle_epochs=len(oc['history']), constant_epochs=len(const['history']), recipe=r,
+                plans={str(n): dict(seconds=time_to_stable(p, target), epoch=stable_epoch(p['history'], target),
+                                    total_s=p['seconds'], final_miou=p['history'][-1]['miou']) for n, p in more.items()},
+                curves={'LR finder + one-cycle': _curve(oc), 'constant Adam 1e-3': _curve(const)}
+                       | {f'LR finder + one-cycle, {n} epochs': _curve(p) for n, p in more.items()})
 
 # %% ../nbs/26_bench.ipynb #cd92eda4
-def plot_ttq(curves:dict, target:float=0.85, ax=None):
+def plot_ttq(curves:dict, target:float=0.85, ax=None,
+             marks:dict|None=None): # name -> seconds at which that run arrived for good (a dotted line)
     "Validation mIoU against seconds for each recipe (`curves`: name -> (seconds, mious)), target dashed."
     if ax is None:
         from matplotlib.figure import Figure
         ax = Figure(figsize=(5.5, 3.2), dpi=90).subplots()
-    for name, (secs, mious) in curves.items(): ax.plot(secs, mious, 'o-', ms=3, label=name)
+    for k, (name, (secs, mious)) in enumerate(curves.items()):
+        ax.plot(secs, mious, 'o-', ms=3, color=f'C{k}', label=name)
+        if (marks or {}).get(name) is not None: ax.axvline(marks[name], ls=':', color=f'C{k}', lw=1)
     ax.axhline(target, ls='--', c='grey', lw=1, label=f'target mIoU {target}')
     ax.set(xlabel='wall-clock seconds', ylabel='validation mIoU', ylim=(0, 1)); ax.legend(fontsize=8)
     ax.figure.tight_layout()
@@ -301,15 +331,30 @@ def format_table(rows:list):
     notes = [f"  [{i}] {r['note']}" for i, r in enumerate(rows, 1) if r.get('note')]
     return '\n'.join(out + (['notes (by row number):'] + notes if notes else []))
 
+def markdown_table(rows:list):
+    "Rows as a Markdown table (notes listed underneath, by row number)."
+    out = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|'*len(COLUMNS)] + ['| ' + ' | '.join(r[c] for c in COLUMNS) + ' |' for r in rows]
+    notes = [f"[{i}] {r['note']}" for i, r in enumerate(rows, 1) if r.get('note')]
+    return '\n'.join(out) + ('\n\nNotes by row: ' + '; '.join(notes) + '.' if notes else '')
+
 # %% ../nbs/26_bench.ipynb #838b08a6
 def _ttq_row(r):
     oc = r['onecycle_s'] if r['onecycle_reached'] else f"> {r['onecycle_s']:.3g} s"
     const = r['constant_s'] if r['constant_reached'] else f"> {r['constant_s']:.3g} s (cap)"
-    row = make_row(f"time to mIoU {r['target']}: LR finder + one-cycle vs constant Adam 1e-3 (s)", oc, const,
+    row = make_row(f"time to a stable mIoU {r['target']}: LR finder + one-cycle vs constant Adam 1e-3 (s)", oc, const,
                    r['onecycle_time_ratio'], 'onecycle_time_ratio', ' s')
-    if not r['constant_reached']: row['ratio'] = '< ' + row['ratio']; row['note'] = 'the constant run stopped at its cap before the target: the ratio is an upper bound'
-    if not r['onecycle_reached']: row['result'], row['note'] = 'miss', 'the one-cycle run did not reach the target in its planned epochs'
+    if not r['constant_reached']: row['ratio'] = '< ' + row['ratio']; row['note'] = 'the constant run did not stay at the target before its cap: the ratio is an upper bound'
+    if not r['onecycle_reached']: row['result'], row['note'] = 'miss', 'the one-cycle run did not end at the target'
     return row
+
+def _plan_rows(r):
+    "Information rows: one-cycle planned for other lengths, against the same constant run."
+    rows = []
+    for n, p in r.get('plans', {}).items():
+        ours = p['seconds'] if p['seconds'] is not None else f"> {p['total_s']:.3g} s"
+        ratio = (p['seconds'] or p['total_s'])/r['constant_s']
+        rows.append(make_row(f"  the same, one-cycle planned for {n} epochs (final mIoU {p['final_miou']:.3f})", ours, r['constant_s'], ratio, unit=' s'))
+    return rows
 
 # %% ../nbs/26_bench.ipynb #eeec0b95
 def bench_rows(r:dict, device='cpu'):
@@ -321,9 +366,18 @@ def bench_rows(r:dict, device='cpu'):
         dflt = w == r['default_workers']
         rows.append(make_row(f"data: loader with {w} workers{' (default)' if dflt else ''} vs training (samples/s)",
                              r[f'loader_sps_{w}w'], r['learner_sps'], r[f'loader_sps_{w}w']/r['learner_sps'], 'data_ratio' if dflt else None))
-    rows += [make_row('inference: predict_folder vs raw forward (images/s)', r['predict_ips'], r['forward_ips'], r['predict_ratio'], 'predict_ratio'),
-             make_row('inference: predict_folder without overlays vs forward', r['predict_masks_only_ips'], r['forward_ips'], r['predict_masks_only_ips']/r['forward_ips'])]
-    if 'onecycle_s' in r: rows.append(_ttq_row(r))
+    for sfx, side in (('', r.get('size')), (f"_{r.get('large')}", r.get('large'))):
+        if f'predict_ips{sfx}' not in r: continue
+        at = f' at {side}x{side}' if side else ''
+        rows += [make_row(f'inference{at}: predict_folder vs raw forward (images/s)', r[f'predict_ips{sfx}'], r[f'forward_ips{sfx}'],
+                          r[f'predict_ips{sfx}']/r[f'forward_ips{sfx}'], 'predict_ratio'),
+                 make_row(f'inference{at}: predict_folder without overlays vs forward', r[f'predict_masks_only_ips{sfx}'],
+                          r[f'forward_ips{sfx}'], r[f'predict_masks_only_ips{sfx}']/r[f'forward_ips{sfx}'])]
+        if f'predict_alt_ips{sfx}' in r:
+            how = 'in threads' if r[f'alt_overlap{sfx}'] else 'in the main thread'
+            rows.append(make_row(f'inference{at}: file work {how} (not the default) vs forward', r[f'predict_alt_ips{sfx}'],
+                                 r[f'forward_ips{sfx}'], r[f'predict_alt_ips{sfx}']/r[f'forward_ips{sfx}']))
+    if 'onecycle_s' in r: rows += [_ttq_row(r)] + _plan_rows(r)
     return rows + _device_rows(r, device)
 
 # %% ../nbs/26_bench.ipynb #5da042cd
@@ -347,10 +401,12 @@ def _device_rows(r:dict, device='cpu'):
 
 # %% ../nbs/26_bench.ipynb #34565216
 SETTINGS = dict(spec='unet:16:3', size=128, bs=16, n_batches=6, repeats=6, data_n=400, data_repeats=3, n_images=64,
-                ttq=True, ttq_size=128, ttq_n_train=400, ttq_n_valid=64, ttq_epochs=7, ttq_max_epochs=25, ttq_cap=3.,
-                target=0.85, num_it=30, seed=0)
-QUICK = dict(size=64, n_batches=4, repeats=3, data_n=128, data_repeats=2, n_images=32,
-             ttq_size=64, ttq_n_train=128, ttq_n_valid=32, ttq_epochs=7, ttq_max_epochs=12, num_it=20)
+                large=512, n_large=16, bs_large=4,
+                ttq=True, ttq_size=DEMO['size'], ttq_n_train=DEMO['n_train'], ttq_n_valid=DEMO['n_valid'],
+                ttq_epochs=4, ttq_plans=(DEMO['epochs'],), ttq_max_epochs=25, ttq_cap=3., target=0.85,
+                num_it=AUTO_LR['num_it'], seed=0)
+QUICK = dict(size=64, n_batches=4, repeats=3, data_n=128, data_repeats=2, n_images=32, n_large=4,
+             ttq_size=64, ttq_n_train=128, ttq_n_valid=32, ttq_plans=(), ttq_max_epochs=12)
 
 # %% ../nbs/26_bench.ipynb #99f2dfe8
 def _parts(dev, s, log):
@@ -363,18 +419,23 @@ def _parts(dev, s, log):
     log(f"[2/5] data pipeline: augmenting loader with 0 and {nw} workers ({s['data_n']} images)")
     r |= bench_data(dev, s['size'], s['data_n'], s['bs'], nw, s['data_repeats'], s['seed'])
     r['data_ratio'] = r[f"loader_sps_{r['default_workers']}w"]/r['learner_sps']
-    log(f"[3/5] inference: predict_folder vs raw forward ({s['n_images']} images)")
+    log(f"[3/5] inference: predict_folder vs raw forward ({s['n_images']} images of {s['size']}x{s['size']}, "
+        f"{s['n_large']} of {s['large']}x{s['large']})")
     r |= bench_predict(make(), dev, s['n_images'], s['size'], s['bs'], s['data_repeats'])
     r['predict_ratio'] = r['predict_ips']/r['forward_ips']
+    big = bench_predict(make(), dev, s['n_large'], s['large'], s['bs_large'], s['data_repeats'])
+    r |= {f"{k}_{s['large']}": v for k, v in big.items()}
+    r.update(size=s['size'], large=s['large'], predict_ratio_large=big['predict_ips']/big['forward_ips'])
     return r, batches, make
 
 # %% ../nbs/26_bench.ipynb #c7b3acb5
 def _more_parts(r, dev, s, batches, make, log):
     if s['ttq']:
-        log(f"[4/5] time to mIoU {s['target']}: LR finder + one-cycle vs constant Adam 1e-3 ({s['ttq_size']}px, "
-            f"{s['ttq_n_train']} train / {s['ttq_n_valid']} valid, bs {s['bs']}); the slow part")
-        r |= bench_ttq(dev, s['spec'], s['ttq_size'], s['ttq_n_train'], s['ttq_n_valid'], s['bs'], s['ttq_epochs'],
-                       s['ttq_max_epochs'], s['ttq_cap'], s['target'], s['num_it'], s['seed'])
+        log(f"[4/5] time to a stable mIoU {s['target']}: LR finder + one-cycle vs constant Adam 1e-3 (the demo recipe, "
+            f"{s['ttq_size']}px, {s['ttq_n_train']} train / {s['ttq_n_valid']} valid); the slow part")
+        r |= bench_ttq(dev, s['target'], s['ttq_max_epochs'], s['ttq_cap'], s['num_it'], size=s['ttq_size'],
+                       n_train=s['ttq_n_train'], n_valid=s['ttq_n_valid'], epochs=s['ttq_epochs'], seed=s['seed'],
+                       plans=tuple(s['ttq_plans']))
     else: log("[4/5] time to quality: skipped (settings ttq=False)")
     if dev.type == 'cuda':
         log("[5/5] CUDA: float32, AMP, AMP + channels_last, AMP + fused AdamW; peak GPU memory")
@@ -389,10 +450,15 @@ def _more_parts(r, dev, s, batches, make, log):
 # %% ../nbs/26_bench.ipynb #41992e4e
 CONTRACT_KEYS = ('loop_ratio', 'data_ratio', 'predict_ratio', 'onecycle_time_ratio')
 
+def _marks(r):
+    "Seconds at which each recipe arrived for good (for `plot_ttq`)."
+    return {'LR finder + one-cycle': r['onecycle_s'] if r['onecycle_reached'] else None,
+            'constant Adam 1e-3': r['constant_s'] if r['constant_reached'] else None}
+
 def _save(res, json_path, out, log):
     curves = res['raw'].get('curves')
     if curves:
-        ax = plot_ttq(curves, res['settings']['target']); fn = Path(out)/'time_to_quality.png'
+        ax = plot_ttq(curves, res['settings']['target'], marks=_marks(res['raw'])); fn = Path(out)/'time_to_quality.png'
         Path(out).mkdir(parents=True, exist_ok=True); ax.figure.savefig(fn); res['plot'] = str(fn); log(f"plot: {fn}")
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -400,7 +466,7 @@ def _save(res, json_path, out, log):
 
 # %% ../nbs/26_bench.ipynb #be7e7ef9
 def run_bench(device='auto', # 'auto', 'cpu', 'cuda' (see `default_device`)
-              quick:bool=False, # smaller sizes: one to two minutes on two CPU cores
+              quick:bool=False, # smaller sizes and fewer repeats
               json_path=None,   # write the results here as JSON
               out=None,         # folder for the time-to-quality plot (default: the JSON's folder, else 'bench_out')
               settings:dict|None=None, # overrides of `SETTINGS` / `QUICK`
@@ -413,7 +479,7 @@ def run_bench(device='auto', # 'auto', 'cpu', 'cuda' (see `default_device`)
     r, batches, make = _parts(dev, s, log)
     r = _more_parts(r, dev, s, batches, make, log)
     rows = bench_rows(r, dev); machine['load_avg_after'] = machine_info(dev)['load_avg']
-    res = {k: r.get(k) for k in CONTRACT_KEYS} | dict(raw=r, rows=rows, settings=s, quick=quick, machine=machine,
+    res = {k: r.get(k) for k in CONTRACT_KEYS} | dict(predict_ratio_large=r.get('predict_ratio_large'), raw=r, rows=rows, settings=s, quick=quick, machine=machine,
                                                        seconds=time.perf_counter() - t0)
     log(format_table(rows)); log(f"({res['seconds']:.0f} s; load average before {machine['load_avg']}, after {machine['load_avg_after']})")
     _save(res, json_path, out or (Path(json_path).parent if json_path else 'bench_out'), log)

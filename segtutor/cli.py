@@ -157,12 +157,14 @@ def build_parser():
     "The `segtutor` argument parser with its subcommands."
     ap = argparse.ArgumentParser(prog='segtutor', description="Semantic segmentation tutorial toolkit: train, evaluate and predict.")
     sub = ap.add_subparsers(dest='cmd', required=True, metavar='COMMAND')
-    p = sub.add_parser('demo', help="the main job, end to end on synthetic data (three to four minutes on two CPU cores)")
+    p = sub.add_parser('demo', help="the main job, end to end on synthetic data (a minute or two on two CPU cores)")
     p.add_argument('--out', default='demo_out', help="output folder (default demo_out)")
-    p.add_argument('--epochs', type=int, default=7, help="one-cycle epochs (default 7)")
-    p.add_argument('--n-train', type=int, default=400, help="synthetic training slides (default 400)")
-    p.add_argument('--img-size', type=int, default=128, help="slide side in pixels (default 128)")
+    p.add_argument('--epochs', type=int, default=None, help="one-cycle epochs (default: the demo recipe's, segtutor.lr_finder.DEMO)")
+    p.add_argument('--n-train', type=int, default=None, help="synthetic training slides (default: the demo recipe's)")
+    p.add_argument('--img-size', type=int, default=None, help="slide side in pixels (default: the demo recipe's)")
     p.add_argument('--num-it', type=int, default=None, help="LR finder iterations (default: the short range test, segtutor.lr_finder.AUTO_LR)")
+    p.add_argument('--workers', type=int, default=0, help="DataLoader worker processes (default 0: on two cores they compete with training)")
+    p.add_argument('--threads', type=int, default=None, help="torch CPU threads (default: one per idle core, judged from the load average)")
     p.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda', 'mps']); p.add_argument('--seed', type=int, default=0)
     p = sub.add_parser('make-data', help="write the synthetic darkfield dataset")
     p.add_argument('dir', help="destination folder (gets images/ and masks/)")
@@ -615,15 +617,22 @@ def _img_tag(fn, alt):
     b64 = base64.b64encode(Path(fn).read_bytes()).decode()
     return f'<figure><img src="data:image/png;base64,{b64}" alt="{html.escape(alt)}"><figcaption>{html.escape(alt)}</figcaption></figure>'
 
-def _curves_png(hist, fn):
+def _curves_png(hist, fn, target:float=0.85):
     "Loss and mIoU curves of a training history."
     import matplotlib.pyplot as plt
     ep = [h['epoch'] for h in hist]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3), dpi=90)
     a1.plot(ep, [h['train_loss'] for h in hist], 'o-', label='train'); a1.plot(ep, [h['valid_loss'] for h in hist], 'o-', label='valid')
     a1.set_yscale('log'); a1.set_xlabel('epoch'); a1.set_title('loss'); a1.legend()
-    a2.plot(ep, [h['miou'] for h in hist], 'o-', c='C2'); a2.axhline(0.85, ls='--', c='grey'); a2.set_xlabel('epoch'); a2.set_title('validation mIoU')
+    a2.plot(ep, [h['miou'] for h in hist], 'o-', c='C2'); a2.axhline(target, ls='--', c='grey', label=f'{target}')
+    a2.set_xlabel('epoch'); a2.set_title('validation mIoU'); a2.legend(fontsize=8)
     fig.tight_layout(); fig.savefig(fn, bbox_inches='tight'); plt.close(fig)
+
+def _lr_png(res, lr, fn):
+    "The whole range test with the chosen one-cycle rate marked."
+    import matplotlib.pyplot as plt
+    ax = res.plot(lr=lr, title=f'LR range test: {len(res.lrs)} batches, one-cycle peak {lr:.1e}')
+    ax.figure.savefig(fn, dpi=90, bbox_inches='tight'); plt.close(ax.figure)
 
 def _overlay_grid(pred_dir, inputs, fn, n=6):
     "A row of prediction overlays (inputs of different sizes) as one PNG."
@@ -636,9 +645,9 @@ def _overlay_grid(pred_dir, inputs, fn, n=6):
     fig.tight_layout(); fig.savefig(fn, bbox_inches='tight'); plt.close(fig)
 
 # %% ../nbs/25_cli.ipynb #590711d0
-def _write_report(out, metrics, table, hist, lr, secs, pics):
+def _write_report(out, metrics, table, hist, lr, secs, pics, model='unet:16:3'):
     "report.md (pictures as files) and report.html (pictures embedded)."
-    head = (f"# segtutor demo report\n\nSynthetic darkfield data, model `unet:16:3`, LR finder → one-cycle at lr={lr:.2e}, "
+    head = (f"# segtutor demo report\n\nSynthetic darkfield data, model `{model}`, LR finder → one-cycle at lr={lr:.2e}, "
             f"{len(hist)} epochs, {secs:.0f} s in all.\n\n**Validation mIoU {metrics['miou']:.4f}**, pixel accuracy "
             f"{metrics['pixel_accuracy']:.4f}.\n\n")
     md = head + table + '\n\n' + '\n\n'.join(f"![{alt}]({Path(fn).name})\n\n*{alt}*" for fn, alt in pics) + '\n'
@@ -650,6 +659,25 @@ def _write_report(out, metrics, table, hist, lr, secs, pics):
             + ''.join(_img_tag(fn, alt) for fn, alt in pics))
     style = "body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px}img{max-width:100%}"
     (out/'report.html').write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>segtutor demo</title><style>{style}</style></head><body>{body}</body></html>")
+
+# %% ../nbs/25_cli.ipynb #cc6f099f
+def _idle_cores(secs:float=0.25):
+    "How many cores are idle right now, from two samples of /proc/stat (the load average where there is none)."
+    def snap():
+        with open('/proc/stat') as f: v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v[:8])   # idle + iowait, all but guest time
+    n = os.cpu_count() or 1
+    try:
+        (i0, t0), _, (i1, t1) = snap(), time.sleep(secs), snap()
+        return n*(i1 - i0)/max(t1 - t0, 1)
+    except (OSError, ValueError, IndexError):
+        return n - os.getloadavg()[0] if hasattr(os, 'getloadavg') else n
+
+def _idle_threads(n:int|None=None, idle:float|None=None): # at most `n` threads (default: torch's count); `idle` cores (default: measured)
+    "Torch threads for a CPU run: one per idle core, at least 1, at most `n`."
+    import torch
+    n, idle = n or torch.get_num_threads(), _idle_cores() if idle is None else idle
+    return max(1, min(n, round(idle)))
 
 # %% ../nbs/25_cli.ipynb #911f3be9
 def _true_counts(fn, i:int, classes):
@@ -698,22 +726,30 @@ def _counts_section(model, norm:str, classes, inputs, out, device=None):
 # %% ../nbs/25_cli.ipynb #80679704
 def cmd_demo(a):
     "Synthetic data -> LR finder -> one-cycle -> evaluation -> predictions -> report."
-    from segtutor.data import DarkfieldDataset, make_darkfield
-    from segtutor.lr_finder import train_demo, one_cycle_lr, DEMO
+    import copy
+    from segtutor.data import make_darkfield
+    from segtutor.lr_finder import train_demo, DEMO
     from segtutor.evaluate import evaluate, per_class_table, plot_confusion
     from segtutor.predict import predict_folder
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    import torch
     t0, out = time.time(), _out_dir(a.out)
     device = _device(a.device)
-    r = dict(DEMO, size=a.img_size, n_train=a.n_train, epochs=a.epochs, seed=a.seed)
+    if device.type == 'cpu':
+        idle = _idle_cores()
+        torch.set_num_threads(a.threads or _idle_threads(idle=idle))
+        print(f"      {torch.get_num_threads()} torch thread(s): {idle:.1f} of {os.cpu_count()} cores idle")
+    flags = dict(size=a.img_size, n_train=a.n_train, epochs=a.epochs, seed=a.seed)
+    r = {**DEMO, **{k: v for k, v in flags.items() if v is not None}}
     print(f"[1/5] data: {r['n_train']} training and {r['n_valid']} validation images (synthetic darkfield, {r['size']}x{r['size']}); device {device}")
-    print(f"[2/5] LR finder, then [3/5] one-cycle training, {r['epochs']} epochs")
-    learn, lr_res = train_demo(out/'run', device, num_it=a.num_it, **r)
-    lr = one_cycle_lr(lr_res); _save_lr_plot(lr_res, out); hist = learn.history
+    print(f"[2/5] LR finder, then [3/5] one-cycle training of {r['model']} ({r['loss']} loss), {r['epochs']} epochs")
+    learn, lr_res = train_demo(out/'run', device, workers=a.workers, num_it=a.num_it, **r)
+    lr, hist = learn.config['lr_find']['lr'], learn.history
+    _lr_png(lr_res, lr, out/'lr_find.png')
     print(f"      one-cycle max lr {lr:.2e}\n[4/5] evaluation")
-    valid_ds, classes = DarkfieldDataset(r['n_valid'], r['size'], r['seed']+100_000), learn.dls.classes
-    model, norm = learn.raw_model, learn.config['norm']
+    valid_ds = copy.copy(learn.dls.valid.dataset); valid_ds.tfms = None   # the raw validation slides, already drawn
+    model, norm, classes = learn.raw_model, learn.config['norm'], learn.dls.classes
     res = evaluate(model, valid_ds, len(classes), norm, device=device, classes=classes, progress=False)
     _write_json(res.to_json(), out/'metrics.json')
     table = per_class_table(res); print(table)
@@ -725,11 +761,14 @@ def cmd_demo(a):
     _curves_png(hist, out/'curves.png')
     ax = plot_confusion(res); ax.figure.savefig(out/'confusion.png', dpi=90, bbox_inches='tight'); plt.close(ax.figure)
     _overlay_grid(out/'predictions', inp, out/'predictions.png')
-    pics = [(out/'lr_find.png', 'LR finder: loss against learning rate'), (out/'curves.png', 'loss and validation mIoU per epoch'),
+    pics = [(out/'lr_find.png', 'LR finder: the whole range test, the chosen one-cycle rate dashed'),
+            (out/'curves.png', 'loss and validation mIoU per epoch'),
             (out/'confusion.png', 'normalised confusion matrix'), (out/'predictions.png', 'predictions on new images of other sizes')]
     secs = time.time()-t0
-    _write_report(out, res.metrics, table, hist, lr, secs, pics)
+    _write_report(out, res.metrics, table, hist, lr, secs, pics, r['model'])
     print(_counts_section(model, norm, classes, inp, out, device))
+    secs = time.time()-t0   # the whole run, counting included
+    _write_json(dict(seconds=round(secs, 1), threads=torch.get_num_threads(), recipe=r, lr=lr, epochs=len(hist)), out/'demo.json')
     print(f"mIoU {res['miou']:.4f} in {secs:.0f} s; report: {out/'report.html'}")
 
 # %% ../nbs/25_cli.ipynb #a209def4

@@ -7,7 +7,7 @@ __all__ = ['AUTO_LR', 'DEMO', 'QUICK_DEMO', 'sweep_lr', 'cycle_batches', 'smooth
            'one_cycle_lr', 'demo_dls', 'train_demo', 'demo_path', 'demo_model']
 
 # %% ../nbs/17_lr_finder.ipynb #087f6a27
-import copy, hashlib, json, os, shutil
+import copy, hashlib, json, os, shutil, time
 from pathlib import Path
 import numpy as np
 import torch
@@ -50,8 +50,9 @@ def diverged(loss:float, best:float, diverge_th:float):
 class LRFinderResult:
     "Learning rates and smoothed losses of a range test, with `suggest(method)` and `plot()`."
     methods = ('steepest', 'valley', 'minimum/10')
-    def __init__(self, lrs:list, losses:list, raw_losses:list|None=None):
+    def __init__(self, lrs:list, losses:list, raw_losses:list|None=None, num_it:int|None=None):
         self.lrs, self.losses, self.raw_losses = list(lrs), list(losses), list(raw_losses or [])
+        self.num_it = num_it or len(self.lrs)   # planned iterations (more than recorded when the test stopped early)
     def __repr__(self):
         return f"LRFinderResult({len(self.lrs)} iterations, lr {self.lrs[0]:.1e}..{self.lrs[-1]:.1e}; valley {self.suggest('valley'):.2e})"
 
@@ -72,7 +73,7 @@ def lr_find(model:torch.nn.Module, train_dl, loss_func, opt=None, # optimiser, n
     try: lrs, losses, raw = _range_test(model, cycle_batches(train_dl), loss_func, opt, start_lr, end_lr, num_it, step_mode, smooth_f, diverge_th, progress)
     finally:
         model.load_state_dict(states[0]); opt.load_state_dict(states[1]); model.train(was_training)
-    return LRFinderResult(lrs, losses, raw)
+    return LRFinderResult(lrs, losses, raw, num_it)
 
 # %% ../nbs/17_lr_finder.ipynb #7b43838a
 def _range_test(model, batches, loss_func, opt, start_lr, end_lr, num_it, step_mode, smooth_f, diverge_th, progress):
@@ -122,33 +123,41 @@ def _suggest(self, method:str='valley', skip_start:int=10, skip_end:int=5):
 LRFinderResult.suggest = _suggest
 
 # %% ../nbs/17_lr_finder.ipynb #3c751ae6
-def _plot(self, ax=None, skip_start:int=10, skip_end:int=5, title:str|None=None):
-    "Smoothed loss against learning rate (log x) with the 'steepest', 'valley' and 'minimum/10' suggestions marked."
+def _plot(self, ax=None, skip_start:int=10, skip_end:int=5, title:str|None=None,
+          lr:float|None=None): # the learning rate finally chosen (dashed line), if any
+    "Smoothed loss against learning rate (log x): the whole test, the three suggestions, and the chosen `lr`."
     if ax is None:
         import matplotlib.pyplot as plt
         _, ax = plt.subplots(figsize=(6, 3.5))
     a, b = _trim(len(self.losses), skip_start, skip_end)
+    ax.plot(self.lrs, self.losses, color='0.75', lw=1)
     lrs, losses = self.lrs[a:b], self.losses[a:b]
-    ax.plot(lrs, losses, color='0.3')
+    ax.plot(lrs, losses, color='0.25')
     for m, mk, c in zip(self.methods, 'o^s', ('tab:red', 'tab:green', 'tab:blue')):
-        lr = self.suggest(m, skip_start, skip_end)
-        ax.plot(lr, np.interp(np.log(lr), np.log(lrs), losses), mk, color=c, ms=9, label=f'{m}: {lr:.1e}')
-    ax.set(xscale='log', xlabel='learning rate', ylabel='smoothed loss', title=title); ax.legend(fontsize=8)
+        s = self.suggest(m, skip_start, skip_end)
+        ax.plot(s, np.interp(np.log(s), np.log(lrs), losses), mk, color=c, ms=9, label=f'{m}: {s:.1e}')
+    if lr is not None: ax.axvline(lr, ls='--', color='tab:purple', label=f'chosen: {lr:.1e}')
+    lo, hi = min(self.losses), max(self.losses[0], max(losses))
+    ax.set(xscale='log', xlabel='learning rate', ylabel='smoothed loss', title=title, ylim=(lo - 0.05*(hi-lo), hi + 0.15*(hi-lo)))
+    ax.legend(fontsize=8)
     return ax
 LRFinderResult.plot = _plot
 
-# %% ../nbs/17_lr_finder.ipynb #e3b1aa90
-AUTO_LR = dict(start_lr=1e-5, end_lr=1., num_it=30)   # the range test of `segtutor train --lr auto` and the demo
-
+# %% ../nbs/17_lr_finder.ipynb #f3e0486e
 def one_cycle_lr(res:LRFinderResult): # a range test's result
-    "One-cycle's peak learning rate from a range test: a tenth of the steepest-descent rate."
-    return res.suggest('steepest')/10
+    "One-cycle's peak learning rate from a range test: a tenth of the steepest-descent rate before the lowest loss."
+    k = int(np.argmin(res.losses)) + 1
+    return LRFinderResult(res.lrs[:k], res.losses[:k]).suggest('steepest', skip_end=0)/10
+
+# %% ../nbs/17_lr_finder.ipynb #e3b1aa90
+AUTO_LR = dict(start_lr=1e-3, end_lr=100., num_it=26, smooth_f=0.25)   # the range test of `segtutor train --lr auto` and the demo
 
 # %% ../nbs/17_lr_finder.ipynb #2309dbca
-DEMO = dict(model='unet:16:3', loss='ce', size=128, n_train=400, n_valid=64, bs=16, epochs=7, seed=0)   # the demo recipe
-QUICK_DEMO = dict(DEMO, size=64, n_train=256, n_valid=16, bs=8, epochs=3)                                 # a tiny one for tests
+DEMO = dict(model='unet:8:4', loss='ce+dice', size=128, n_train=400, n_valid=64, bs=8, epochs=10, seed=0,
+            channels_last=True)                                                     # the demo recipe
+QUICK_DEMO = dict(DEMO, size=64, n_train=256, n_valid=16, epochs=5)                # a tiny one for tests
 
-def demo_dls(size:int=128, n_train:int=400, n_valid:int=64, bs:int=16, seed:int=0, workers:int=0, **kw):
+def demo_dls(size:int=128, n_train:int=400, n_valid:int=64, bs:int=8, seed:int=0, workers:int=0, **kw):
     "The demo's synthetic darkfield loaders: fresh slides, so flips are the only augmentation."
     return darkfield_dls(n_train, n_valid, size, bs, seed, workers=workers, scale=None, rotate=0, jitter=0, **kw)
 
@@ -156,7 +165,7 @@ def demo_dls(size:int=128, n_train:int=400, n_valid:int=64, bs:int=16, seed:int=
 def train_demo(out=None,            # run folder for best.pt, last.pt, curves (None: keep nothing on disk)
                device='auto', progress:bool=True, workers:int=0,
                num_it:int|None=None,    # range-test batches (default `AUTO_LR['num_it']`)
-               **recipe):                # overrides of `DEMO` (model, loss, size, n_train, n_valid, bs, epochs, seed)
+               **recipe):                # overrides of `DEMO` (model, loss, size, n_train, n_valid, bs, epochs, seed, channels_last)
     "The demo recipe: darkfield data, LR range test, one-cycle at `one_cycle_lr`; returns (learner, range test)."
     r = {**DEMO, **recipe}
     dev = default_device(device)
@@ -164,9 +173,12 @@ def train_demo(out=None,            # run folder for best.pt, last.pt, curves (N
     dls = demo_dls(r['size'], r['n_train'], r['n_valid'], r['bs'], r['seed'], workers, pin_memory=dev.type == 'cuda')
     model = get_model(r['model'], len(dls.classes)).to(dev)
     learn = Learner(model, dls, r['loss'], sched='onecycle', device=dev, out=out, seed=r['seed'], progress=progress,
-                    config=dict(data='synthetic', recipe=r))
+                    channels_last=r.get('channels_last', False), config=dict(data='synthetic', recipe=r))
+    t0 = time.perf_counter()
     res = lr_find(learn.model, dls.train, learn.loss_func, **{**AUTO_LR, **({'num_it': num_it} if num_it else {})})
-    learn.fit(r['epochs'], lr=one_cycle_lr(res))
+    lr = one_cycle_lr(res)
+    learn.config['lr_find'] = dict(lrs=res.lrs, losses=res.losses, lr=lr, seconds=time.perf_counter() - t0)
+    learn.fit(r['epochs'], lr=lr)
     return learn, res
 
 # %% ../nbs/17_lr_finder.ipynb #83a5dada

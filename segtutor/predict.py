@@ -7,14 +7,14 @@ __all__ = ['BLENDS', 'check_tiling', 'tile_starts', 'blend_weights', 'predict_lo
            'predict_image', 'list_inputs', 'predict_folder']
 
 # %% ../nbs/21_predict.ipynb #d30acf93
-import os
-from concurrent.futures import ThreadPoolExecutor
+import collections, io, os, shutil, tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
-from .data import load_image, save_mask, overlay, SegDataError, IMG_EXTS
+from .data import load_image, overlay, colorize, SegDataError, IMG_EXTS
 from .augment import normalize
 from .evaluate import forward_padded, probs_to_mask
 import copy, json, math, subprocess, sys, tempfile, time
@@ -240,42 +240,125 @@ def list_inputs(inp):
     if not fs: raise SegDataError(f"{p}: no images found (extensions {', '.join(IMG_EXTS)})")
     return fs
 
-def _atomic_png(save, fn):
-    "Call `save(tmp)` then rename the temporary file to `fn`."
-    tmp = Path(fn).with_name(f'.{Path(fn).name}.tmp.png')
-    try: save(tmp); os.replace(tmp, fn)
-    finally:
-        if tmp.exists(): tmp.unlink()
+# %% ../nbs/21_predict.ipynb #ab23819c
+def _image_size(fn):
+    "(width, height) of an image file from its header, checked cheaply with `verify`; a bad file raises, by name."
+    try:
+        with Image.open(fn) as im:
+            size = im.size
+            im.verify()
+        return size
+    except FileNotFoundError: raise SegDataError(f"{fn}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise SegDataError(f"{fn}: cannot read image ({type(e).__name__}: {e}); the file is corrupt or not an image") from None
 
-# %% ../nbs/21_predict.ipynb #2ed85efd
-def _read_all(files):
-    "Read every image (two threads: PIL decodes without holding the GIL); the first unreadable file raises, by name."
-    with ThreadPoolExecutor(2) as pool: return dict(zip(files, pool.map(load_image, files)))
+# %% ../nbs/21_predict.ipynb #0a82b4e8
+def _size_batches(files, sizes, bs:int):
+    "Lists of at most `bs` files of one size: sizes in order of first appearance, files in input order."
+    by_size = {}
+    for f, s in zip(files, sizes): by_size.setdefault(s, []).append(f)
+    return [g[i:i+bs] for g in by_size.values() for i in range(0, len(g), bs)]
 
-def predict_folder(model, inp, out, norm:str='per_image', bs:int=8, device=None, tile:int|None=None,
-                   threshold:float|None=None, palette=None, overlays:bool=True, progress:bool=True,
-                   overlap:int|float=32, blend:str='gaussian', tile_batch:int=4):
-    "Predict every image in `inp` (file or folder) and write `out/<stem>.png` index masks (+ `out/overlays/<stem>.jpg`); returns the mask paths."
-    files = list_inputs(inp)
-    imgs = _read_all(files)                      # read (and validate) everything before writing anything
-    out = Path(out)
-    try: (out/'overlays' if overlays else out).mkdir(parents=True, exist_ok=True)
+# %% ../nbs/21_predict.ipynb #7066a89c
+def _ahead(pool, fn, items, n:int):
+    "Yield `fn(item)` for each item in order, run in `pool` with at most `n` calls in flight."
+    q = collections.deque()
+    for it in items:
+        q.append(pool.submit(fn, it))
+        if len(q) > n: yield q.popleft().result()
+    while q: yield q.popleft().result()
+
+# %% ../nbs/21_predict.ipynb #e87c7c3f
+def _encoded(im, fmt:str, **kw):
+    "The bytes of PIL image `im` saved as `fmt`."
+    b = io.BytesIO()
+    im.save(b, fmt, **kw)
+    return b.getvalue()
+
+def _writer(stage, palette=None, overlays:bool=True):
+    "A function writing (stem, mask, image) into the folder `stage`: palette PNG mask (+ JPEG overlay in `overlays/`)."
+    pal = bytes(colorize(np.arange(256, dtype=np.uint8), palette).reshape(-1).tolist())
+    def write(stem:str, m:np.ndarray, img:np.ndarray):
+        im = Image.fromarray(m)
+        im.putpalette(pal)
+        (Path(stage)/f'{stem}.png').write_bytes(_encoded(im, 'PNG'))
+        if overlays:
+            ov = Image.fromarray(overlay(img, m, 0.5, palette))
+            (Path(stage)/'overlays'/f'{stem}.jpg').write_bytes(_encoded(ov, 'JPEG', quality=90))
+    return write
+
+def _commit(stage, out, stems, overlays:bool):
+    "Move the staged files of `stems` into `out` (each move is one atomic rename)."
+    if overlays: (out/'overlays').mkdir(exist_ok=True)
+    for s in dict.fromkeys(stems):
+        os.replace(stage/f'{s}.png', out/f'{s}.png')
+        if overlays: os.replace(stage/'overlays'/f'{s}.jpg', out/'overlays'/f'{s}.jpg')
+
+# %% ../nbs/21_predict.ipynb #3e701176
+def _predict_batch(model, imgs:list, norm:str, device, tile:int|None, threshold:float|None, **tiling):
+    "uint8 class-index masks (N,H,W) of a list of same-size (H,W,3) uint8 images."
+    x = normalize(torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2), norm).to(device)
+    logits = predict_logits(model.eval(), x, tile=tile, **tiling)
+    masks = logits.argmax(1) if threshold is None else probs_to_mask(logits.float().softmax(1), threshold)
+    return masks.cpu().numpy().astype(np.uint8)
+
+def _out_folder(out):
+    "Create the folder `out` (a `SegDataError` when that is impossible); returns whether it was created here."
+    out, new = Path(out), not Path(out).exists()
+    try: out.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise SegDataError(f"{out}: cannot create the output folder ({e.strerror})") from None
     if not os.access(out, os.W_OK): raise SegDataError(f"{out}: output folder is not writable")
-    device = device or next(model.parameters()).device
-    by_size = {}
-    for f in files: by_size.setdefault(imgs[f].shape, []).append(f)
-    done, bar = {}, tqdm(total=len(files), desc='predict', disable=not progress, leave=False)
-    for group in by_size.values():
-        for i in range(0, len(group), bs):
-            fs = group[i:i+bs]
-            x = normalize(torch.from_numpy(np.stack([imgs[f] for f in fs])).permute(0, 3, 1, 2), norm).to(device)
-            logits = predict_logits(model.eval(), x, tile=tile, overlap=overlap, blend=blend, tile_batch=tile_batch)
-            masks = (logits.argmax(1) if threshold is None else probs_to_mask(logits.float().softmax(1), threshold)).cpu().numpy()
-            for f, m in zip(fs, masks.astype(np.uint8)):
-                _atomic_png(lambda t: save_mask(m, t, palette), out/f'{f.stem}.png')
-                if overlays: _atomic_png(lambda t: Image.fromarray(overlay(imgs[f], m, 0.5, palette)).save(t, 'JPEG', quality=90), out/'overlays'/f'{f.stem}.jpg')
-                done[f] = out/f'{f.stem}.png'
-            bar.update(len(fs))
-    bar.close()
-    return [done[f] for f in files]
+    return new
+
+# %% ../nbs/21_predict.ipynb #fe634379
+class _Inline:
+    "An executor that runs each call at once: the stand-in for a thread pool when no core is free."
+    def submit(self, fn, *args):
+        f = Future()
+        try: f.set_result(fn(*args))
+        except BaseException as e: f.set_exception(e)
+        return f
+    def __enter__(self): return self
+    def __exit__(self, *exc): return False
+
+def _pool(n:int):
+    "A thread pool of `n` threads, or `_Inline()` for 0."
+    return ThreadPoolExecutor(n) if n else _Inline()
+
+def _threads_default(device):
+    "Overlap file work with the forward in threads: on accelerators, or when torch leaves a CPU core free."
+    return torch.device(device).type != 'cpu' or torch.get_num_threads() < (os.cpu_count() or 1)
+
+# %% ../nbs/21_predict.ipynb #398047bc
+def predict_folder(model, inp, out, norm:str='per_image', bs:int=8, device=None, tile:int|None=None,
+                   threshold:float|None=None, palette=None, overlays:bool=True, progress:bool=True,
+                   overlap:int|float=32, blend:str='gaussian', tile_batch:int=4, # tiling: see `predict_logits`
+                   threads:bool|None=None): # file work in threads beside the forward (None: `_threads_default`)
+    "Predict every image in `inp` (file or folder) and write `out/<stem>.png` index masks (+ `out/overlays/<stem>.jpg`); returns the mask paths."
+    files = list_inputs(inp)
+    batches = _size_batches(files, [_image_size(f) for f in files], bs)   # every header checked before anything is written
+    out, device = Path(out), device or next(model.parameters()).device
+    new = _out_folder(out)
+    stage = Path(tempfile.mkdtemp(prefix='.predict-', dir=out))
+    (stage/'overlays').mkdir()
+    write, done = _writer(stage, palette, overlays), False
+    bar = tqdm(total=len(files), desc='predict', disable=not progress, leave=False)
+    try:
+        threads = _threads_default(device) if threads is None else threads
+        with _pool(2 if threads else 0) as readers, _pool(1 if threads else 0) as writer:
+            imgs, pending = _ahead(readers, load_image, [f for b in batches for f in b], 2*bs), collections.deque()
+            for fs in batches:
+                ims = [next(imgs) for _ in fs]
+                for f, m, im in zip(fs, _predict_batch(model, ims, norm, device, tile, threshold,
+                                                               overlap=overlap, blend=blend, tile_batch=tile_batch), ims):
+                    pending.append(writer.submit(write, f.stem, m, im))
+                while len(pending) > 2*bs: pending.popleft().result()
+                bar.update(len(fs))
+            for p in pending: p.result()
+        _commit(stage, out, [f.stem for f in files], overlays)
+        done = True
+    finally:
+        bar.close()
+        shutil.rmtree(stage, ignore_errors=True)
+        if new and not done: shutil.rmtree(out, ignore_errors=True)
+    return [out/f'{f.stem}.png' for f in files]
