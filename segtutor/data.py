@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['CLASSES', 'IGNORE_INDEX', 'PALETTE', 'IMG_EXTS', 'VOC_CLASSES', 'COCO_TO_VOC', 'make_darkfield', 'make_palette',
-           'colorize', 'overlay', 'save_mask', 'write_darkfield', 'SegDataError', 'load_image', 'load_mask', 'to_tv',
-           'SegDataset', 'DarkfieldDataset', 'SegFolder', 'PetsDataset', 'make_fake_pets', 'voc_colormap', 'VOCDataset',
-           'make_fake_voc', 'COCODataset', 'make_fake_coco', 'darkfield_folder', 'MaskReport', 'split_idx', 'Subset',
-           'DataLoaders', 'get_dls', 'cache_dir', 'sample_dir']
+           'colorize', 'overlay', 'darkfield_grid', 'save_darkfield_grid', 'save_mask', 'write_darkfield',
+           'SegDataError', 'load_image', 'load_mask', 'to_tv', 'SegDataset', 'DarkfieldDataset', 'SegFolder',
+           'PetsDataset', 'make_fake_pets', 'voc_colormap', 'VOCDataset', 'make_fake_voc', 'COCODataset',
+           'make_fake_coco', 'darkfield_folder', 'MaskReport', 'split_idx', 'Subset', 'DataLoaders', 'get_dls',
+           'cache_dir', 'sample_dir']
 
 # %% ../nbs/00_data.ipynb #465ebe79
 import colorsys, json, os, warnings
@@ -171,6 +172,32 @@ def overlay(img, # (H,W,3) uint8 image
     out, sel = img.copy(), mask > 0          # only object pixels change: background stays exactly as it was
     out[sel] = (img[sel]*(1-alpha) + colorize(mask[sel], palette)*alpha).round().astype(np.uint8)
     return out
+
+# %% ../nbs/00_data.ipynb #c30ad6f7
+def darkfield_grid(seeds=range(6), # one column per seed
+                   size:int=128, binary:bool=False, # as in `make_darkfield`
+                   alpha:float=0.6, # opacity of the mask colours
+                   scale:float=1.9): # inches per slide
+    "Figure: slides in the top row ('image'), their masks as colour overlays below ('mask'), one column per seed."
+    import matplotlib.pyplot as plt
+    seeds = list(seeds)
+    fig, axs = plt.subplots(2, len(seeds), figsize=(scale*len(seeds) + 0.4, 2*scale + 0.4), squeeze=False,
+                            gridspec_kw=dict(wspace=0.05, hspace=0.05))
+    for col, sd in zip(axs.T, seeds):
+        img, m = make_darkfield(sd, size, binary)
+        col[0].imshow(img); col[1].imshow(overlay(img, m, alpha)); col[0].set_title(f'seed {sd}', fontsize=9)
+    for ax in axs.flat:
+        ax.set_xticks([]); ax.set_yticks([]); ax.spines[:].set_visible(False)
+    axs[0, 0].set_ylabel('image'); axs[1, 0].set_ylabel('mask')
+    return fig
+
+def save_darkfield_grid(path, seeds=range(6), dpi:int=80, **kw):
+    "Write `darkfield_grid(seeds, **kw)` as a PNG at `path` (the README picture); returns the path."
+    import matplotlib.pyplot as plt
+    fig = darkfield_grid(seeds, **kw)
+    fig.savefig(path, dpi=dpi, bbox_inches='tight', metadata={'Software': None})  # no version stamp: same bytes each run
+    plt.close(fig)
+    return Path(path)
 
 # %% ../nbs/00_data.ipynb #9e061bce
 def save_mask(mask, # (H,W) class indices
@@ -509,7 +536,7 @@ def _mr_plot(self, ax=None):
     if ax is None: _, ax = plt.subplots(figsize=(5, 2.6))
     share = self.counts/max(self.counts.sum(), 1)
     bars = ax.bar(self.classes, share, color=[np.array(c)/255 for c in make_palette(len(share))], edgecolor='k')
-    ax.set_yscale('log'); ax.set_ylabel('pixel share (log)'); ax.set_title('class balance')
+    ax.set_yscale('log'); ax.set_ylabel('pixel share (log)'); ax.set_title('class balance'); ax.margins(y=0.15)
     for b, w in zip(bars, self.weights): ax.text(b.get_x()+b.get_width()/2, b.get_height(), f'w={w:.1f}', ha='center', va='bottom')
     return ax
 
