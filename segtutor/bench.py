@@ -8,7 +8,7 @@ __all__ = ['CUDA_VARIANTS', 'TARGETS', 'COLUMNS', 'SETTINGS', 'QUICK', 'CONTRACT
            'learner_epoch', 'bench_loop', 'warm_dataset', 'loader_epoch', 'default_workers', 'bench_data',
            'forward_images', 'bench_predict', 'CappedLearner', 'stable_epoch', 'time_to_stable', 'recipe_onecycle',
            'recipe_constant', 'bench_ttq', 'plot_ttq', 'fused_adamw', 'bench_variants', 'with_threads', 'bench_threads',
-           'make_row', 'format_table', 'markdown_table', 'bench_rows', 'run_bench']
+           'make_row', 'format_table', 'markdown_table', 'bench_rows', 'bench_tiled', 'run_bench']
 
 # %% ../nbs/26_bench.ipynb #1c074ec1
 import copy, json, math, os, platform, statistics, sys, tempfile, time
@@ -306,7 +306,7 @@ def bench_threads(model, batches, n_threads:int|None=None, repeats:int=5, lr:flo
     return dict(threads=n, threads_n_sps=median(r['n']), threads_1_sps=median(r['1']))
 
 # %% ../nbs/26_bench.ipynb #9d2b7233
-TARGETS = dict(loop_ratio=('>=', 0.95), data_ratio=('>=', 2.), predict_ratio=('>=', 0.9), onecycle_time_ratio=('<=', 0.5))
+TARGETS = dict(loop_ratio=('>=', 0.95), data_ratio=('>=', 2.), predict_ratio=('>=', 0.9), onecycle_time_ratio=('<=', 0.5), tiled_ratio=('>=', 0.9))
 
 def _fmt(v, unit=''):
     if v is None: return '-'
@@ -356,6 +356,17 @@ def _plan_rows(r):
         rows.append(make_row(f"  the same, one-cycle planned for {n} epochs (final mIoU {p['final_miou']:.3f})", ours, r['constant_s'], ratio, unit=' s'))
     return rows
 
+# %% ../nbs/26_bench.ipynb
+def _tiled_rows(r):
+    "The tiled-inference rows: pixels/s tiled vs whole, and both peaks."
+    at = f"{r['tiled_size']}x{r['tiled_size']} slide, {r['tile']}-pixel tiles"
+    if r['tiled_ratio'] is None:
+        return [make_row(f'tiles: {at}, tiled (pixels/s); whole failed', r['tiled_px_s'], note=r['whole_error'] or ''),
+                make_row(f'tiles: peak memory of the tiled prediction', r['tiled_peak_mb'], unit=' MiB')]
+    peak = r['tiled_peak_mb']/r['whole_peak_mb'] if r['tiled_peak_mb'] and r['whole_peak_mb'] else None
+    return [make_row(f'tiles: {at}, tiled vs whole image (pixels/s)', r['tiled_px_s'], r['whole_px_s'], r['tiled_ratio'], 'tiled_ratio'),
+            make_row(f'tiles: peak memory, tiled vs whole image', r['tiled_peak_mb'], r['whole_peak_mb'], peak, unit=' MiB')]
+
 # %% ../nbs/26_bench.ipynb #eeec0b95
 def bench_rows(r:dict, device='cpu'):
     "Table rows from the raw results `r` of `run_bench` (device-only rows where they apply)."
@@ -378,6 +389,7 @@ def bench_rows(r:dict, device='cpu'):
             rows.append(make_row(f'inference{at}: file work {how} (not the default) vs forward', r[f'predict_alt_ips{sfx}'],
                                  r[f'forward_ips{sfx}'], r[f'predict_alt_ips{sfx}']/r[f'forward_ips{sfx}']))
     if 'onecycle_s' in r: rows += [_ttq_row(r)] + _plan_rows(r)
+    if 'tiled_px_s' in r: rows += _tiled_rows(r)
     return rows + _device_rows(r, device)
 
 # %% ../nbs/26_bench.ipynb #5da042cd
@@ -399,27 +411,35 @@ def _device_rows(r:dict, device='cpu'):
                          r[f'loader_sps_{nw}w']/r[f'loader_sps_{nw}w_unpinned']))
     return rows + [make_row(f'CUDA: peak GPU memory, {k}', r[f'{k}_peak_mb'], unit=' MiB') for k in CUDA_VARIANTS]
 
+# %% ../nbs/26_bench.ipynb
+def bench_tiled(model, device='cpu', size:int=4096, tile:int=512):
+    "Tiled vs whole-image prediction of one `size`² slide (`segtutor.predict.tiled_throughput`), as bench keys."
+    from segtutor.predict import tiled_throughput
+    t = tiled_throughput(model.to(device).eval(), size, tile, device=device)
+    return dict(tiled_size=size, tile=t['tile'], n_tiles=t['n_tiles'], tiled_px_s=t['tiled_px_s'], whole_px_s=t['whole_px_s'],
+                tiled_ratio=t['ratio'], tiled_peak_mb=t['tiled_peak_mb'], whole_peak_mb=t['whole_peak_mb'], whole_error=t['whole_error'])
+
 # %% ../nbs/26_bench.ipynb #34565216
 SETTINGS = dict(spec='unet:16:3', size=128, bs=16, n_batches=6, repeats=6, data_n=400, data_repeats=3, n_images=64,
                 large=512, n_large=16, bs_large=4,
                 ttq=True, ttq_size=DEMO['size'], ttq_n_train=DEMO['n_train'], ttq_n_valid=DEMO['n_valid'],
                 ttq_epochs=4, ttq_plans=(DEMO['epochs'],), ttq_max_epochs=25, ttq_cap=3., target=0.85,
-                num_it=AUTO_LR['num_it'], seed=0)
+                num_it=AUTO_LR['num_it'], tiled=True, tiled_size=4096, tile=512, seed=0)
 QUICK = dict(size=64, n_batches=4, repeats=3, data_n=128, data_repeats=2, n_images=32, n_large=4,
-             ttq_size=64, ttq_n_train=128, ttq_n_valid=32, ttq_plans=(), ttq_max_epochs=12)
+             ttq_size=64, ttq_n_train=128, ttq_n_valid=32, ttq_plans=(), ttq_max_epochs=12, tiled_size=1024, tile=256)
 
 # %% ../nbs/26_bench.ipynb #99f2dfe8
 def _parts(dev, s, log):
     from segtutor.models import get_model
     make = lambda: (torch.manual_seed(s['seed']), get_model(s['spec'], len(CLASSES)))[1]
-    log(f"[1/5] training loop: Learner vs bare loop ({s['n_batches']} batches of {s['bs']}x3x{s['size']}x{s['size']}, {s['repeats']} interleaved repeats)")
+    log(f"[1/6] training loop: Learner vs bare loop ({s['n_batches']} batches of {s['bs']}x3x{s['size']}x{s['size']}, {s['repeats']} interleaved repeats)")
     batches = make_batches(s['n_batches'], s['bs'], s['size'], dev, s['seed'])
     r = bench_loop(make(), batches, dev, s['repeats'])
     nw = max(default_workers(dev), min(2, os.cpu_count() or 1)); r.update(n_workers=nw, default_workers=default_workers(dev))
-    log(f"[2/5] data pipeline: augmenting loader with 0 and {nw} workers ({s['data_n']} images)")
+    log(f"[2/6] data pipeline: augmenting loader with 0 and {nw} workers ({s['data_n']} images)")
     r |= bench_data(dev, s['size'], s['data_n'], s['bs'], nw, s['data_repeats'], s['seed'])
     r['data_ratio'] = r[f"loader_sps_{r['default_workers']}w"]/r['learner_sps']
-    log(f"[3/5] inference: predict_folder vs raw forward ({s['n_images']} images of {s['size']}x{s['size']}, "
+    log(f"[3/6] inference: predict_folder vs raw forward ({s['n_images']} images of {s['size']}x{s['size']}, "
         f"{s['n_large']} of {s['large']}x{s['large']})")
     r |= bench_predict(make(), dev, s['n_images'], s['size'], s['bs'], s['data_repeats'])
     r['predict_ratio'] = r['predict_ips']/r['forward_ips']
@@ -431,19 +451,22 @@ def _parts(dev, s, log):
 # %% ../nbs/26_bench.ipynb #c7b3acb5
 def _more_parts(r, dev, s, batches, make, log):
     if s['ttq']:
-        log(f"[4/5] time to a stable mIoU {s['target']}: LR finder + one-cycle vs constant Adam 1e-3 (the demo recipe, "
+        log(f"[4/6] time to a stable mIoU {s['target']}: LR finder + one-cycle vs constant Adam 1e-3 (the demo recipe, "
             f"{s['ttq_size']}px, {s['ttq_n_train']} train / {s['ttq_n_valid']} valid); the slow part")
         r |= bench_ttq(dev, s['target'], s['ttq_max_epochs'], s['ttq_cap'], s['num_it'], size=s['ttq_size'],
                        n_train=s['ttq_n_train'], n_valid=s['ttq_n_valid'], epochs=s['ttq_epochs'], seed=s['seed'],
                        plans=tuple(s['ttq_plans']))
-    else: log("[4/5] time to quality: skipped (settings ttq=False)")
+    else: log("[4/6] time to quality: skipped (settings ttq=False)")
+    if s['tiled']:
+        log(f"[5/6] tiles: one {s['tiled_size']}x{s['tiled_size']} slide whole and in {s['tile']}-pixel tiles (time and peak memory)")
+        r |= bench_tiled(make(), dev, s['tiled_size'], s['tile'])
     if dev.type == 'cuda':
-        log("[5/5] CUDA: float32, AMP, AMP + channels_last, AMP + fused AdamW; peak GPU memory")
+        log("[6/6] CUDA: float32, AMP, AMP + channels_last, AMP + fused AdamW; peak GPU memory")
         r |= bench_variants(make, batches, dev, CUDA_VARIANTS, s['repeats'])
     elif torch.get_num_threads() > 1:
-        log(f"[5/5] CPU: {torch.get_num_threads()} threads vs 1; peak resident memory")
+        log(f"[6/6] CPU: {torch.get_num_threads()} threads vs 1; peak resident memory")
         r |= bench_threads(make(), batches, None, s['repeats'])
-    else: log("[5/5] CPU: peak resident memory")
+    else: log("[6/6] CPU: peak resident memory")
     r['peak_rss_mb'] = peak_rss_mb()
     return r
 
@@ -479,7 +502,7 @@ def run_bench(device='auto', # 'auto', 'cpu', 'cuda' (see `default_device`)
     r, batches, make = _parts(dev, s, log)
     r = _more_parts(r, dev, s, batches, make, log)
     rows = bench_rows(r, dev); machine['load_avg_after'] = machine_info(dev)['load_avg']
-    res = {k: r.get(k) for k in CONTRACT_KEYS} | dict(predict_ratio_large=r.get('predict_ratio_large'), raw=r, rows=rows, settings=s, quick=quick, machine=machine,
+    res = {k: r.get(k) for k in CONTRACT_KEYS} | dict(predict_ratio_large=r.get('predict_ratio_large'), tiled_ratio=r.get('tiled_ratio'), raw=r, rows=rows, settings=s, quick=quick, machine=machine,
                                                        seconds=time.perf_counter() - t0)
     log(format_table(rows)); log(f"({res['seconds']:.0f} s; load average before {machine['load_avg']}, after {machine['load_avg_after']})")
     _save(res, json_path, out or (Path(json_path).parent if json_path else 'bench_out'), log)
