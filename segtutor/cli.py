@@ -735,7 +735,7 @@ def cmd_demo(a):
     import matplotlib.pyplot as plt
     import torch
     t0, out = time.time(), _out_dir(a.out)
-    device = _device(a.device)
+    device, idle = _device(a.device), None
     if device.type == 'cpu':
         idle = _idle_cores()
         torch.set_num_threads(a.threads or _idle_threads(idle=idle))
@@ -768,7 +768,10 @@ def cmd_demo(a):
     _write_report(out, res.metrics, table, hist, lr, secs, pics, r['model'])
     print(_counts_section(model, norm, classes, inp, out, device))
     secs = time.time()-t0   # the whole run, counting included
-    _write_json(dict(seconds=round(secs, 1), threads=torch.get_num_threads(), recipe=r, lr=lr, epochs=len(hist)), out/'demo.json')
+    load = list(os.getloadavg()) if hasattr(os, 'getloadavg') else None
+    _write_json(dict(seconds=round(secs, 1), device=str(device), cpus=os.cpu_count(), idle_cores=idle, load_avg=load,
+                     threads=torch.get_num_threads(), recipe=r, lr=lr, epochs=len(hist), miou=res['miou'],
+                     per_class_iou=dict(zip(classes, res['per_class_iou']))), out/'demo.json')
     print(f"mIoU {res['miou']:.4f} in {secs:.0f} s; report: {out/'report.html'}")
 
 # %% ../nbs/25_cli.ipynb #a209def4

@@ -265,6 +265,8 @@ def test_quick_demo_writes_report_and_metrics(tmp_path):
     assert html.count('<img src="data:image/png;base64,') == 4 and f"{js['miou']:.4f}" in html
     assert '**' not in html and '<td><b>mean</b></td>' in html   # markdown bold in the table becomes HTML bold
     assert len(list((out/'predictions').glob('*.png'))) == 6
+    dj = json.loads((out/'demo.json').read_text())   # what the README's demo paragraph is rendered from
+    assert dj['miou'] == js['miou'] and dj['seconds'] > 0 and dj['epochs'] == 1 and set(dj['per_class_iou']) == {'background', 'rbc', 'spirochete'}, dj
 
 def test_evaluate_a_checkpoint_the_library_trained(tmp_path):
     "A Learner records img_size as the first batch's [H, W]; evaluate on synthetic data reads it (it once crashed on a list)."
