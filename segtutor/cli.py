@@ -161,6 +161,7 @@ def build_parser():
     p.add_argument('--out', default='demo_out', help="output folder (default demo_out)")
     p.add_argument('--epochs', type=int, default=None, help="one-cycle epochs (default: the demo recipe's, segtutor.lr_finder.DEMO)")
     p.add_argument('--n-train', type=int, default=None, help="synthetic training slides (default: the demo recipe's)")
+    p.add_argument('--n-valid', type=int, default=None, help="synthetic validation slides (default: the demo recipe's)")
     p.add_argument('--img-size', type=int, default=None, help="slide side in pixels (default: the demo recipe's)")
     p.add_argument('--num-it', type=int, default=None, help="LR finder iterations (default: the short range test, segtutor.lr_finder.AUTO_LR)")
     p.add_argument('--workers', type=int, default=0, help="DataLoader worker processes (default 0: on two cores they compete with training)")
@@ -740,7 +741,7 @@ def cmd_demo(a):
         idle = _idle_cores()
         torch.set_num_threads(a.threads or _idle_threads(idle=idle))
         print(f"      {torch.get_num_threads()} torch thread(s): {idle:.1f} of {os.cpu_count()} cores idle")
-    flags = dict(size=a.img_size, n_train=a.n_train, epochs=a.epochs, seed=a.seed)
+    flags = dict(size=a.img_size, n_train=a.n_train, n_valid=a.n_valid, epochs=a.epochs, seed=a.seed)
     r = {**DEMO, **{k: v for k, v in flags.items() if v is not None}}
     print(f"[1/5] data: {r['n_train']} training and {r['n_valid']} validation images (synthetic darkfield, {r['size']}x{r['size']}); device {device}")
     print(f"[2/5] LR finder, then [3/5] one-cycle training of {r['model']} ({r['loss']} loss), {r['epochs']} epochs")

@@ -11,7 +11,7 @@ __all__ = ['CLASSES', 'IGNORE_INDEX', 'PALETTE', 'IMG_EXTS', 'VOC_CLASSES', 'COC
            'cache_dir', 'sample_dir']
 
 # %% ../nbs/00_data.ipynb #465ebe79
-import colorsys, json, os, warnings
+import colorsys, functools, json, os, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -156,10 +156,16 @@ def make_palette(n:int): # number of classes
     return cols
 
 # %% ../nbs/00_data.ipynb #5ff29f6e
+@functools.lru_cache(maxsize=None)
+def _lut256():
+    "`make_palette(256)` as a read-only (256,3) uint8 array with 255 white: built once, every mask drawing reuses it."
+    pal = np.array(make_palette(256), np.uint8); pal[255] = 255; pal.flags.writeable = False
+    return pal
+
 def colorize(mask, # (H,W) class indices; 255 is drawn white
              palette=None): # RGB tuples, one per class (default `PALETTE`); classes past its end get `make_palette` colours
     "RGB picture (H,W,3) uint8 of an index mask."
-    pal = np.array(make_palette(256), np.uint8); pal[255] = 255
+    pal = _lut256().copy()
     p = np.array(palette if palette is not None and len(palette) else PALETTE, np.uint8); pal[:len(p)] = p
     return pal[np.asarray(mask, dtype=np.int64).clip(0, 255)]
 

@@ -124,10 +124,21 @@ def kernel_env(quick=False):
     if quick: env['IN_TEST'] = '1'
     return env
 
+def _client_class():
+    "nbclient's `NotebookClient`, mended: with `store_widget_state=False` an `Output` widget's output raised KeyError."
+    import collections
+    from nbclient import NotebookClient
+    class Client(NotebookClient):
+        def reset_execution_trackers(self):
+            super().reset_execution_trackers()
+            self.widget_state = collections.defaultdict(dict)   # the output hook writes here; nothing of it is stored
+        def set_widgets_metadata(self): pass                     # widget state is noise in a stored lesson
+    return Client
+
 def run_lesson(path, quick=False, timeout=DEFAULT_TIMEOUT, root=None):
     "Execute the notebook at `path` top to bottom on a fresh kernel and store its outputs in place; returns seconds."
     import nbformat
-    from nbclient import NotebookClient
+    _Client = _client_class()
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
     from execnb.nbio import write_nb
     path = Path(path).resolve(); root = Path(root or path.parent.parent)
@@ -135,7 +146,7 @@ def run_lesson(path, quick=False, timeout=DEFAULT_TIMEOUT, root=None):
     skip = [i for i, c in enumerate(nb.cells) if c.cell_type == 'code' and not executes(c)]
     for i in skip: nb.cells[i].metadata.setdefault('tags', []).append('skip-execution')
     t0 = time.time(); deadline = t0 + timeout; current = {}
-    client = NotebookClient(nb, kernel_name='python3', resources={'metadata': {'path': str(path.parent)}},
+    client = _Client(nb, kernel_name='python3', resources={'metadata': {'path': str(path.parent)}},
                             timeout_func=lambda cell: max(1, int(deadline - time.time())),
                             store_widget_state=False, record_timing=False, skip_cells_with_tag='skip-execution',
                             on_cell_execute=lambda cell, cell_index: current.update(i=cell_index))

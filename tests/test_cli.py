@@ -32,7 +32,7 @@ def fails(r, *needles):
 def work(tmp_path_factory):
     "A generated folder dataset, a trained run, and a predict input folder with odd sizes and modes."
     d = tmp_path_factory.mktemp('cli')
-    ok(run('make-data', d/'data', '--n', 80, '--size', 64, '--seed', 3))
+    ok(run('make-data', d/'data', '--n', 60, '--size', 64, '--seed', 3))
     ok(run('train', '--data', d/'data', '--out', d/'run', '--epochs', 5, '--lr', '1e-2', '--img-size', 64,
            '--batch-size', 8, '--model', 'unet:16:3'))
     inp = d/'inputs'; inp.mkdir()
@@ -84,7 +84,7 @@ def test_evaluate_json_matches_predicted_pngs(work):
     miou, iou = _miou_from_pngs(work/'pred_all', work/'data'/'masks', 3)
     assert abs(js['miou'] - miou) < 1e-6, (js['miou'], miou)
     np.testing.assert_allclose([v if v is not None else np.nan for v in js['per_class_iou']], iou, atol=1e-6)
-    assert js['miou'] > 0.4, js   # five epochs on 64 tiny images learned something
+    assert js['miou'] > 0.4, js   # five epochs on 48 tiny images learned something
 
 def test_killed_run_resumes(work):
     "Kill a training run after its first epoch, resume it: every planned epoch appears once and the checkpoint loads."
@@ -257,10 +257,11 @@ def test_every_subcommand_has_help():
         assert 'usage: segtutor ' + cmd in r.stdout
 
 def test_quick_demo_writes_report_and_metrics(tmp_path):
-    r = ok(run('demo', '--out', tmp_path/'demo', '--epochs', 1, '--n-train', 48, '--img-size', 64, '--num-it', 20))
+    r = ok(run('demo', '--out', tmp_path/'demo', '--epochs', 1, '--n-train', 32, '--n-valid', 8, '--img-size', 48, '--num-it', 12))
     out = tmp_path/'demo'
     js = json.loads((out/'metrics.json').read_text())
     assert {'pixel_accuracy', 'miou', 'per_class_iou', 'dice'} <= set(js) and 0 <= js['miou'] <= 1
+    assert js['n_images'] == 8   # --n-valid
     html = (out/'report.html').read_text()
     assert html.count('<img src="data:image/png;base64,') == 4 and f"{js['miou']:.4f}" in html
     assert '**' not in html and '<td><b>mean</b></td>' in html   # markdown bold in the table becomes HTML bold
