@@ -356,7 +356,7 @@ def _plan_rows(r):
         rows.append(make_row(f"  the same, one-cycle planned for {n} epochs (final mIoU {p['final_miou']:.3f})", ours, r['constant_s'], ratio, unit=' s'))
     return rows
 
-# %% ../nbs/26_bench.ipynb
+# %% ../nbs/26_bench.ipynb #0aa193a7
 def _tiled_rows(r):
     "The tiled-inference rows: pixels/s tiled vs whole, and both peaks."
     at = f"{r['tiled_size']}x{r['tiled_size']} slide, {r['tile']}-pixel tiles"
@@ -411,7 +411,7 @@ def _device_rows(r:dict, device='cpu'):
                          r[f'loader_sps_{nw}w']/r[f'loader_sps_{nw}w_unpinned']))
     return rows + [make_row(f'CUDA: peak GPU memory, {k}', r[f'{k}_peak_mb'], unit=' MiB') for k in CUDA_VARIANTS]
 
-# %% ../nbs/26_bench.ipynb
+# %% ../nbs/26_bench.ipynb #4013bb08
 def bench_tiled(model, device='cpu', size:int=4096, tile:int=512):
     "Tiled vs whole-image prediction of one `size`² slide (`segtutor.predict.tiled_throughput`), as bench keys."
     from segtutor.predict import tiled_throughput
