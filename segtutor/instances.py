@@ -17,7 +17,8 @@ from scipy import ndimage as ndi
 from scipy.optimize import linear_sum_assignment
 from skimage import feature, measure, segmentation
 from tqdm.auto import tqdm
-from .data import CLASSES, PALETTE, IGNORE_INDEX, IMG_EXTS, SegDataError, load_image
+from .data import CLASSES, PALETTE, IGNORE_INDEX, SegDataError, load_image
+from .predict import list_inputs   # lesson 21: the image files of a file or folder
 
 # %% ../nbs/23_instances.ipynb #38933397
 def components(binary, # (H,W) bool: the pixels of one class
@@ -277,15 +278,6 @@ def load_labels(fn):
     return np.asarray(im).astype(np.int32)
 
 # %% ../nbs/23_instances.ipynb #2e346e82
-def _inputs(inp):
-    "Image files of a file or folder, sorted; a clear error when there are none."
-    p = Path(inp)
-    if p.is_file(): return [p]
-    if not p.is_dir(): raise SegDataError(f"{p}: no such file or folder")
-    fs = sorted(f for f in p.iterdir() if f.suffix.lower() in IMG_EXTS and not f.name.startswith('.'))
-    if not fs: raise SegDataError(f"{p}: no images found (extensions {', '.join(IMG_EXTS)})")
-    return fs
-
 def _write_csv(rows, fn):
     "Write dict rows as a CSV file, atomically."
     def save(t):
@@ -304,7 +296,7 @@ def count_folder(inp, # an image file or a folder of images
     if classes is None or len(classes) < 2:
         raise ValueError(f"nothing to count: classes {classes} have no foreground class")
     _method_for(method, 1)
-    files = _inputs(inp)
+    files = list_inputs(inp)
     imgs = {f: load_image(f) for f in files}            # every image readable before anything is written
     out = Path(out)
     try: out.mkdir(parents=True, exist_ok=True)

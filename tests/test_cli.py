@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from clichecks import ok, fails
 
 SEGTUTOR = str(Path(sys.executable).parent/'segtutor')
 
@@ -15,18 +16,6 @@ def run(*args, cwd=None, timeout=600, env=None):
     env = {**{k: v for k, v in os.environ.items() if k != 'SEGTUTOR_DEBUG'}, **(env or {})}
     return subprocess.run([SEGTUTOR, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
 
-def ok(r):
-    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
-    return r
-
-def fails(r, *needles):
-    "Non-zero exit, one clear line on stderr mentioning every needle, no traceback."
-    assert r.returncode != 0, r.stdout
-    err = r.stderr.strip()
-    assert 'Traceback' not in err, err
-    last = err.splitlines()[-1]
-    for n in needles: assert str(n) in last, f"{n!r} not in {last!r}"
-    return last
 
 @pytest.fixture(scope='module')
 def work(tmp_path_factory):

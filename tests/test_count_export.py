@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from clichecks import ok, fails
 
 SEGTUTOR = str(Path(sys.executable).parent/'segtutor')
 CLASSES = ['background', 'rbc', 'spirochete']
@@ -32,18 +33,6 @@ def cli(capsys, *args):
     out, err = capsys.readouterr()
     return Result(rc, out, err)
 
-def ok(r):
-    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
-    return r
-
-def fails(r, *needles):
-    "Non-zero exit and one clear line on stderr mentioning every needle, no traceback."
-    assert r.returncode != 0, r.stdout
-    err = r.stderr.strip()
-    assert 'Traceback' not in err, err
-    last = err.splitlines()[-1]
-    for n in needles: assert str(n) in last, f"{n!r} not in {last!r}"
-    return last
 
 def checkpoint(fn, spec='unet:8:2', classes=CLASSES):
     "A segtutor checkpoint of a random `spec` model, with the config `train` would write."
